@@ -211,3 +211,260 @@ def test_tool_self_test_rsa_oaep_limit(target: Target):
     p = target.tool("--test", login=True, check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "C_DecryptInit failed: rv = CKR_ARGUMENTS_BAD" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------
+# python-pkcs11 and PyKCS11 (each in its own interpreter)
+# ---------------------------------------------------------------------------
+PY_PKCS11 = r'''
+import hashlib
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, MGF, ObjectClass
+from pkcs11.mechanisms import GCMParams
+from pkcs11.util.ec import encode_named_curve_parameters, encode_ec_public_key, encode_ecdsa_signature
+from pkcs11.util.rsa import encode_rsa_public_key
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+from tests.clients import emit
+
+data = b"python-pkcs11 through the HA slot " * 40
+out = {}
+lib = pkcs11.lib(ARGS["module"])
+out["manufacturer"] = bool(lib.manufacturer_id)
+tok = lib.get_token(token_label=ARGS["label"])
+out["token_label"] = tok.label
+with tok.open(user_pin=ARGS["pin"], rw=True) as s:
+    # RSA-PSS
+    pub, priv = s.generate_keypair(KeyType.RSA, 2048, store=True, label="rsa", id=b"\x01")
+    pss = dict(mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
+               mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32))
+    sig = priv.sign(data, **pss)
+    out["pss_len"] = len(sig)
+    out["pss_verify"] = pub.verify(data, sig, **pss)
+    out["pss_verify_bad"] = pub.verify(data + b"x", sig, **pss)
+    rsa_pub = serialization.load_der_public_key(encode_rsa_public_key(pub))
+    rsa_pub.verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    out["pss_openssl"] = True
+
+    # multi-part sign (C_SignUpdate / C_SignFinal) == single-part (PKCS#1 v1.5 is deterministic)
+    chunks = [data[i:i + 100] for i in range(0, len(data), 100)]
+    one = priv.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+    multi = priv.sign(iter(chunks), mechanism=Mechanism.SHA256_RSA_PKCS)
+    out["multipart_equal"] = one == multi
+    out["multipart_verify"] = pub.verify(iter(chunks), multi, mechanism=Mechanism.SHA256_RSA_PKCS)
+    rsa_pub.verify(multi, data, padding.PKCS1v15(), hashes.SHA256())
+
+    # ECDSA P-256 (SoftHSM2 has no CKM_ECDSA_SHA256: hash first)
+    params = s.create_domain_parameters(
+        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+    epub, epriv = params.generate_keypair(store=True, label="ec", id=b"\x02")
+    h = hashlib.sha256(data).digest()
+    esig = epriv.sign(h, mechanism=Mechanism.ECDSA)
+    out["ecdsa_len"] = len(esig)
+    out["ecdsa_verify"] = epub.verify(h, esig, mechanism=Mechanism.ECDSA)
+    ec_pub = serialization.load_der_public_key(encode_ec_public_key(epub))
+    ec_pub.verify(encode_ecdsa_signature(esig), h, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    out["ecdsa_openssl"] = True
+
+    # AES-GCM
+    aes = s.generate_key(KeyType.AES, 256, label="aes", store=False)
+    gp = GCMParams(b"\x01" * 12, b"header", 128)
+    ct = aes.encrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=gp)
+    out["gcm_len"] = len(ct) - len(data)
+    out["gcm_roundtrip"] = aes.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=gp) == data
+    try:
+        bad = bytes([ct[0] ^ 1]) + ct[1:]
+        aes.decrypt(bad, mechanism=Mechanism.AES_GCM, mechanism_param=gp)
+        out["gcm_tamper"] = "accepted"
+    except pkcs11.PKCS11Error as e:
+        out["gcm_tamper"] = type(e).__name__
+
+    # find objects
+    out["privkeys"] = sorted(o.label for o in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+    out["pubkeys"] = sorted(o.label for o in s.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}))
+    out["by_id"] = [o.object_class.name for o in s.get_objects({Attribute.ID: b"\x02"})]
+    k = s.get_key(label="rsa", object_class=ObjectClass.PUBLIC_KEY)
+    out["modulus_bits"] = k[Attribute.MODULUS_BITS]
+    out["modulus_equal"] = k[Attribute.MODULUS] == pub[Attribute.MODULUS]
+    out["priv_flags"] = [priv[Attribute.SENSITIVE], priv[Attribute.EXTRACTABLE], priv[Attribute.LOCAL]]
+    try:
+        priv[Attribute.PRIVATE_EXPONENT]
+        out["sensitive"] = "readable"
+    except pkcs11.AttributeSensitive:
+        out["sensitive"] = "AttributeSensitive"
+
+    # wrap / unwrap with AES key wrap (RFC 3394)
+    kek = s.generate_key(KeyType.AES, 256, label="kek", store=False,
+                         template={Attribute.WRAP: True, Attribute.UNWRAP: True})
+    inner = s.generate_key(KeyType.AES, 128, label="inner", store=False,
+                           template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True})
+    wrapped = kek.wrap_key(inner, mechanism=Mechanism.AES_KEY_WRAP)
+    out["wrapped_len"] = len(wrapped)
+    back = kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped, label="back",
+                          mechanism=Mechanism.AES_KEY_WRAP, store=False,
+                          template={Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+    block = b"\x00" * 16
+    out["unwrap_same_key"] = (inner.encrypt(block, mechanism=Mechanism.AES_ECB)
+                              == back.encrypt(block, mechanism=Mechanism.AES_ECB))
+
+    # digest (single and multi-part) and random
+    out["sha256"] = s.digest(data, mechanism=Mechanism.SHA256) == hashlib.sha256(data).digest()
+    out["sha256_multi"] = s.digest(iter(chunks), mechanism=Mechanism.SHA256) == hashlib.sha256(data).digest()
+    r1, r2 = s.generate_random(256), s.generate_random(256)
+    out["random"] = [len(r1), r1 != r2]
+emit(out)
+'''
+
+
+def test_python_pkcs11(target: Target):
+    out = result(run_py(PY_PKCS11, target.env, {"module": target.module, "label": target.label,
+                                                "pin": target.pin}))
+    assert out == {
+        "manufacturer": True, "token_label": target.label,
+        "pss_len": 256, "pss_verify": True, "pss_verify_bad": False, "pss_openssl": True,
+        "multipart_equal": True, "multipart_verify": True,
+        "ecdsa_len": 64, "ecdsa_verify": True, "ecdsa_openssl": True,
+        "gcm_len": 16, "gcm_roundtrip": True,
+        # SoftHSM2 2.6.1 reports a failed GCM tag check as CKR_GENERAL_ERROR; hashim must
+        # return it as is (an application-level error, not a member failure)
+        "gcm_tamper": "GeneralError",
+        "privkeys": ["ec", "rsa"], "pubkeys": ["ec", "rsa"],
+        "by_id": out["by_id"], "modulus_bits": 2048,
+        "modulus_equal": True, "priv_flags": [True, False, True],
+        "sensitive": "AttributeSensitive",
+        "wrapped_len": 24, "unwrap_same_key": True,
+        "sha256": True, "sha256_multi": True, "random": [32, True],
+    }
+    assert sorted(out["by_id"]) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+
+
+PY_PYKCS11 = r'''
+import hashlib
+import PyKCS11
+from PyKCS11 import *
+from PyKCS11.LowLevel import ckattrlist
+from tests.clients import emit
+
+data = b"PyKCS11 through the HA slot " * 40
+out = {}
+lib = PyKCS11Lib()
+lib.load(ARGS["module"])
+slots = [s for s in lib.getSlotList(tokenPresent=True)
+         if lib.getTokenInfo(s).label.strip() == ARGS["label"]]
+out["slots"] = len(slots)
+slot = slots[0]
+out["has_ecdsa"] = "CKM_ECDSA" in lib.getMechanismList(slot)
+s = lib.openSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION)
+try:
+    s.getAttributeValue  # attribute exists
+    s.findObjects([(CKA_CLASS, CKO_PRIVATE_KEY)])
+    out["before_login"] = len(s.findObjects([(CKA_CLASS, CKO_PRIVATE_KEY)]))
+    s.login(ARGS["pin"])
+    out["state"] = s.getSessionInfo().state2text()
+
+    # RSA key pair, RSA-PSS
+    pubt = [(CKA_CLASS, CKO_PUBLIC_KEY), (CKA_TOKEN, CK_TRUE), (CKA_VERIFY, CK_TRUE),
+            (CKA_ENCRYPT, CK_TRUE), (CKA_MODULUS_BITS, 2048),
+            (CKA_PUBLIC_EXPONENT, (0x01, 0x00, 0x01)), (CKA_LABEL, "rsa"), (CKA_ID, (0x01,))]
+    privt = [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_TOKEN, CK_TRUE), (CKA_PRIVATE, CK_TRUE),
+             (CKA_SENSITIVE, CK_TRUE), (CKA_SIGN, CK_TRUE), (CKA_DECRYPT, CK_TRUE),
+             (CKA_LABEL, "rsa"), (CKA_ID, (0x01,))]
+    pub, priv = s.generateKeyPair(pubt, privt, mecha=MechanismRSAGENERATEKEYPAIR)
+    m = RSA_PSS_Mechanism(CKM_SHA256_RSA_PKCS_PSS, CKM_SHA256, CKG_MGF1_SHA256, 32)
+    sig = bytes(s.sign(priv, data, m))
+    out["pss"] = [len(sig), s.verify(pub, data, sig, m), s.verify(pub, data + b"!", sig, m)]
+
+    # RSA-OAEP (SHA-1: SoftHSM2 2.6.1's only OAEP hash)
+    oaep = RSAOAEPMechanism(CKM_SHA_1, CKG_MGF1_SHA1)
+    ct = bytes(s.encrypt(pub, b"secret", oaep))
+    out["oaep"] = [len(ct), bytes(s.decrypt(priv, ct, oaep)) == b"secret"]
+
+    # ECDSA
+    ecparams = bytes.fromhex("06082a8648ce3d030107")
+    epub, epriv = s.generateKeyPair(
+        [(CKA_CLASS, CKO_PUBLIC_KEY), (CKA_TOKEN, CK_TRUE), (CKA_VERIFY, CK_TRUE),
+         (CKA_EC_PARAMS, ecparams), (CKA_LABEL, "ec"), (CKA_ID, (0x02,))],
+        [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_TOKEN, CK_TRUE), (CKA_PRIVATE, CK_TRUE),
+         (CKA_SENSITIVE, CK_TRUE), (CKA_SIGN, CK_TRUE), (CKA_LABEL, "ec"), (CKA_ID, (0x02,))],
+        mecha=MechanismECGENERATEKEYPAIR)
+    h = hashlib.sha256(data).digest()
+    esig = bytes(s.sign(epriv, h, Mechanism(CKM_ECDSA)))
+    bad = bytes([esig[0] ^ 1]) + esig[1:]
+    out["ecdsa"] = [len(esig), s.verify(epub, h, esig, Mechanism(CKM_ECDSA)),
+                    s.verify(epub, h, bad, Mechanism(CKM_ECDSA))]
+
+    # AES-GCM
+    aes = s.generateKey([(CKA_CLASS, CKO_SECRET_KEY), (CKA_KEY_TYPE, CKK_AES), (CKA_VALUE_LEN, 32),
+                         (CKA_TOKEN, CK_FALSE), (CKA_ENCRYPT, CK_TRUE), (CKA_DECRYPT, CK_TRUE),
+                         (CKA_LABEL, "aes")], mecha=MechanismAESGENERATEKEY)
+    g = AES_GCM_Mechanism(b"\x02" * 12, b"aad", 128)
+    ct = bytes(s.encrypt(aes, data, g))
+    out["gcm"] = [len(ct) - len(data), bytes(s.decrypt(aes, ct, g)) == data]
+
+    # multi-part encrypt / decrypt (AES-CBC-PAD) and multi-part digest
+    cbc = Mechanism(CKM_AES_CBC_PAD, b"\x03" * 16)
+    s.encryptInit(cbc, aes)
+    parts = [bytes(s.encryptUpdate(data[i:i + 77])) for i in range(0, len(data), 77)]
+    parts.append(bytes(s.encryptFinal()))
+    ct2 = b"".join(parts)
+    out["cbc_multi_equals_single"] = ct2 == bytes(s.encrypt(aes, data, cbc))
+    s.decryptInit(cbc, aes)
+    pt = b"".join(bytes(s.decryptUpdate(ct2[i:i + 50])) for i in range(0, len(ct2), 50))
+    pt += bytes(s.decryptFinal())
+    out["cbc_multi_roundtrip"] = pt == data
+    d = s.digestSession(Mechanism(CKM_SHA256))
+    for i in range(0, len(data), 64):
+        d.update(data[i:i + 64])
+    out["digest_multi"] = bytes(d.final()) == hashlib.sha256(data).digest()
+    out["digest"] = bytes(s.digest(data, Mechanism(CKM_SHA256))) == hashlib.sha256(data).digest()
+
+    # find objects and attributes (one sensitive: raw rv through the low-level call)
+    out["find_priv"] = len(s.findObjects([(CKA_CLASS, CKO_PRIVATE_KEY)]))
+    out["find_label"] = len(s.findObjects([(CKA_LABEL, "rsa")]))
+    out["find_token"] = len(s.findObjects([(CKA_TOKEN, CK_TRUE)]))
+    label, kid, mod = s.getAttributeValue(priv, [CKA_LABEL, CKA_ID, CKA_MODULUS])
+    out["attrs"] = [label, bytes(kid).hex(), len(mod)]
+    out["attrs_fragmented"] = [v is None for v in s.getAttributeValue(priv, [CKA_LABEL, CKA_PRIVATE_EXPONENT])]
+    t = ckattrlist(1)
+    t[0].SetType(CKA_PRIVATE_EXPONENT)
+    out["sensitive_rv"] = CKR[s.lib.C_GetAttributeValue(s.session, priv, t)]
+
+    # wrap / unwrap (AES key wrap)
+    kek = s.generateKey([(CKA_CLASS, CKO_SECRET_KEY), (CKA_KEY_TYPE, CKK_AES), (CKA_VALUE_LEN, 32),
+                         (CKA_TOKEN, CK_FALSE), (CKA_WRAP, CK_TRUE), (CKA_UNWRAP, CK_TRUE)],
+                        mecha=MechanismAESGENERATEKEY)
+    inner = s.generateKey([(CKA_CLASS, CKO_SECRET_KEY), (CKA_KEY_TYPE, CKK_AES), (CKA_VALUE_LEN, 16),
+                           (CKA_TOKEN, CK_FALSE), (CKA_EXTRACTABLE, CK_TRUE), (CKA_ENCRYPT, CK_TRUE)],
+                          mecha=MechanismAESGENERATEKEY)
+    wrapped = bytes(s.wrapKey(kek, inner, Mechanism(CKM_AES_KEY_WRAP)))
+    back = s.unwrapKey(kek, wrapped, [(CKA_CLASS, CKO_SECRET_KEY), (CKA_KEY_TYPE, CKK_AES),
+                                      (CKA_TOKEN, CK_FALSE), (CKA_ENCRYPT, CK_TRUE)],
+                       Mechanism(CKM_AES_KEY_WRAP))
+    ecb = Mechanism(CKM_AES_ECB)
+    out["wrap"] = [len(wrapped), bytes(s.encrypt(inner, b"\0" * 16, ecb)) == bytes(s.encrypt(back, b"\0" * 16, ecb))]
+
+    r = bytes(s.generateRandom(48))
+    out["random"] = len(r)
+    s.destroyObject(aes)
+    out["destroyed"] = len(s.findObjects([(CKA_LABEL, "aes")]))
+    s.logout()
+    out["after_logout"] = len(s.findObjects([(CKA_CLASS, CKO_PRIVATE_KEY)]))
+finally:
+    s.closeSession()
+emit(out)
+'''
+
+
+def test_pykcs11(target: Target):
+    out = result(run_py(PY_PYKCS11, target.env, {"module": target.module, "label": target.label,
+                                                 "pin": target.pin}))
+    assert out == {
+        "slots": 1, "has_ecdsa": True, "before_login": 0, "state": "CKS_RW_USER_FUNCTIONS",
+        "pss": [256, True, False], "oaep": [256, True], "ecdsa": [64, True, False],
+        "gcm": [16, True], "cbc_multi_equals_single": True, "cbc_multi_roundtrip": True,
+        "digest_multi": True, "digest": True,
+        "find_priv": 2, "find_label": 2, "find_token": 4,
+        "attrs": ["rsa", "01", 256], "attrs_fragmented": [False, True],
+        "sensitive_rv": "CKR_ATTRIBUTE_SENSITIVE",
+        "wrap": [24, True], "random": 48, "destroyed": 0, "after_logout": 0,
+    }
