@@ -468,3 +468,73 @@ def test_pykcs11(target: Target):
         "sensitive_rv": "CKR_ATTRIBUTE_SENSITIVE",
         "wrap": [24, True], "random": 48, "destroyed": 0, "after_logout": 0,
     }
+
+
+# ---------------------------------------------------------------------------
+# Java 17 SunPKCS11
+# ---------------------------------------------------------------------------
+def import_cert(t: Target, id_: str, label: str, tmp: Path) -> Path:
+    """Give the key pair ``id_`` a certificate (same CKA_ID and label) on the token, so
+    that SunPKCS11's keystore shows its private key.  The certificate is issued by a
+    throw-away software CA over the token's public key."""
+    d = tmp / f"cert-{label}"
+    d.mkdir(exist_ok=True)
+    pub = export_pub(t, id_, d / "pub.pem")
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", d / "ca.key", "-out", d / "ca.pem", "-subj", "/CN=hashim test CA", "-days", "2")
+    ossl("req", "-new", "-key", d / "ca.key", "-subj", f"/CN={label}", "-out", d / "req.csr")
+    ossl("x509", "-req", "-in", d / "req.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
+         "-CAcreateserial", "-force_pubkey", pub, "-days", "2", "-outform", "DER",
+         "-out", d / "cert.der")
+    t.tool("--write-object", d / "cert.der", "--type", "cert", "--id", id_, "--label", label,
+           login=True)
+    return d / "cert.der"
+
+
+@pytest.fixture(scope="module")
+def java_classes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("java-classes")
+    run(["javac", "-d", out, HERE / "java" / "SignThreads.java"], dict(os.environ))
+    return out
+
+
+def sunpkcs11_config(t: Target, tmp: Path) -> Path:
+    cfg = tmp / "sunpkcs11.cfg"
+    cfg.write_text(f"name = hashim\nlibrary = {t.module}\nslotListIndex = 0\n")
+    return cfg
+
+
+@pytest.fixture
+def java_token(target: Target, tmp_path) -> Target:
+    """The target's token with an RSA and an EC key pair, each with a certificate."""
+    gen_rsa(target)
+    gen_ec(target)
+    import_cert(target, "01", "rsa", tmp_path)
+    import_cert(target, "02", "ec", tmp_path)
+    return target
+
+
+def test_java_keytool_list(java_token: Target, tmp_path):
+    cfg = sunpkcs11_config(java_token, tmp_path)
+    p = run(["keytool", "-list", "-storetype", "PKCS11", "-providerclass",
+             "sun.security.pkcs11.SunPKCS11", "-providerarg", cfg,
+             "-storepass", java_token.pin], java_token.env)
+    out = p.stdout
+    assert "Your keystore contains 2 entries" in out, out
+    assert re.search(r"^rsa, PrivateKeyEntry", out, re.M), out
+    assert re.search(r"^ec, PrivateKeyEntry", out, re.M), out
+    # a wrong store password is refused with the token's answer (CKR_PIN_INCORRECT)
+    bad = run(["keytool", "-list", "-v", "-storetype", "PKCS11", "-providerclass",
+               "sun.security.pkcs11.SunPKCS11", "-providerarg", cfg, "-storepass", "9999"],
+              java_token.env, check=False)
+    assert bad.returncode != 0 and "CKR_PIN_INCORRECT" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+
+def test_java_sign_threads(java_token: Target, java_classes: Path, tmp_path):
+    # 8 threads x 100 iterations, each signing with both keys: several threads from a native host
+    cfg = sunpkcs11_config(java_token, tmp_path)
+    p = run(["java", "-cp", java_classes, "SignThreads", cfg, java_token.pin, "8", "100"],
+            java_token.env, timeout=300)
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
+    assert line == ["RESULT keys=ec:SHA256withECDSA,rsa:SHA256withRSA signed=1600 verified=1600 "
+                    "p11verified=160 failed=0 errors=0"], p.stdout + p.stderr
