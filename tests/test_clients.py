@@ -538,3 +538,62 @@ def test_java_sign_threads(java_token: Target, java_classes: Path, tmp_path):
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
     assert line == ["RESULT keys=ec:SHA256withECDSA,rsa:SHA256withRSA signed=1600 verified=1600 "
                     "p11verified=160 failed=0 errors=0"], p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------
+# OpenSSL 3 + libengine-pkcs11-openssl (libp11)
+# ---------------------------------------------------------------------------
+def engine_env(t: Target) -> dict[str, str]:
+    assert Path(ENGINE).is_file(), f"{ENGINE} missing (apt install libengine-pkcs11-openssl)"
+    return dict(t.env, PKCS11_MODULE_PATH=t.module)
+
+
+def test_openssl_engine(target: Target, tmp_path):
+    gen_rsa(target)
+    gen_ec(target)
+    env = engine_env(target)
+    digest = write(tmp_path / "h", hashlib.sha256(DATA).digest())
+    msg = write(tmp_path / "msg", DATA)
+    uri = f"pkcs11:token={target.label};object=%s;type=private"
+
+    # ECDSA, PIN through -passin
+    ossl("pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-inkey", uri % "ec",
+         "-passin", f"pass:{target.pin}", "-sign", "-in", digest, "-out", tmp_path / "ec.sig",
+         env=env)
+    ecpub = export_pub(target, "02", tmp_path / "ec.pem")
+    ossl("pkeyutl", "-verify", "-pubin", "-inkey", ecpub, "-in", digest,
+         "-sigfile", tmp_path / "ec.sig")
+
+    # RSA PKCS#1 v1.5 and PSS, PIN in the URI
+    rsapub = export_pub(target, "01", tmp_path / "rsa.pem")
+    ruri = uri % "rsa" + f";pin-value={target.pin}"
+    ossl("pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-inkey", ruri, "-sign",
+         "-pkeyopt", "digest:sha256", "-in", digest, "-out", tmp_path / "rsa.sig", env=env)
+    ossl("pkeyutl", "-verify", "-pubin", "-inkey", rsapub, "-pkeyopt", "digest:sha256",
+         "-in", digest, "-sigfile", tmp_path / "rsa.sig")
+    ossl("dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign", ruri,
+         "-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:32",
+         "-out", tmp_path / "pss.sig", msg, env=env)
+    ossl("dgst", "-sha256", "-verify", rsapub, "-sigopt", "rsa_padding_mode:pss",
+         "-sigopt", "rsa_pss_saltlen:32", "-signature", tmp_path / "pss.sig", msg)
+
+    # RSA decryption through the engine
+    plain = write(tmp_path / "plain", b"engine decrypts this")
+    ossl("pkeyutl", "-encrypt", "-pubin", "-inkey", rsapub, "-in", plain, "-out", tmp_path / "ct")
+    ossl("pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-inkey", ruri, "-decrypt",
+         "-in", tmp_path / "ct", "-out", tmp_path / "pt", env=env)
+    assert (tmp_path / "pt").read_bytes() == plain.read_bytes()
+
+    # a self-signed certificate made with the token's EC key verifies with its public key
+    ossl("req", "-new", "-x509", "-engine", "pkcs11", "-keyform", "engine",
+         "-key", uri % "ec" + f";pin-value={target.pin}", "-subj", "/CN=hashim engine test",
+         "-days", "1", "-out", tmp_path / "self.pem", env=env)
+    ossl("verify", "-CAfile", tmp_path / "self.pem", tmp_path / "self.pem")
+    certpub = ossl("x509", "-in", tmp_path / "self.pem", "-noout", "-pubkey").stdout
+    assert certpub == ecpub.read_text()
+
+    # a wrong PIN fails
+    bad = ossl("pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-inkey", uri % "ec",
+               "-passin", "pass:0000", "-sign", "-in", digest, "-out", tmp_path / "bad.sig",
+               env=env, check=False)
+    assert bad.returncode != 0, bad.stdout + bad.stderr
