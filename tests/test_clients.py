@@ -597,3 +597,32 @@ def test_openssl_engine(target: Target, tmp_path):
                "-passin", "pass:0000", "-sign", "-in", digest, "-out", tmp_path / "bad.sig",
                env=env, check=False)
     assert bad.returncode != 0, bad.stdout + bad.stderr
+
+
+# ---------------------------------------------------------------------------
+# A native multi-threaded host (tests/c/threads.c)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def threads_bin(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("c-host") / "threads"
+    run(["gcc", "-O2", "-Wall", "-Werror", "-pthread", "-I/usr/include/p11-kit-1",
+         HERE / "c" / "threads.c", "-o", out, "-ldl"], dict(os.environ))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["os", "null", "mutex"])
+def test_c_threads(target: Target, threads_bin: Path, mode: str):
+    # os: CKF_OS_LOCKING_OK; null: C_Initialize(NULL) with the host serialising its own
+    # calls (from 8 OS threads); mutex: pthread CreateMutex/... callbacks, no flags
+    gen_ec(target)
+    p = run([threads_bin, target.module, target.label, target.pin, "ec", mode, "8", "200"],
+            target.env, check=False, timeout=300)
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    assert p.returncode == 0 and line, p.stdout + p.stderr
+    res = dict(kv.split("=", 1) for kv in line[0].split()[1:])
+    assert (res["mode"], res["threads"], res["iterations"], res["failures"]) == (mode, "8", "200", "0"), line
+    # 8 threads x 200 iterations x (random, digest init+call, sign init+call, verify init+call)
+    # + every 25th iteration a corrupted-signature check, + open/close session each
+    assert int(res["ops"]) >= 8 * (200 * 7 + 8 * 2 + 2), line
+    if mode == "mutex":
+        assert res["locks"] == res["unlocks"] and res["mutexes_created"] == res["destroyed"], line
