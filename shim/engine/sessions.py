@@ -1,0 +1,50 @@
+"""Virtual sessions: what the application holds, and the real sessions behind them."""
+from __future__ import annotations
+
+import itertools
+import threading
+
+from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
+
+
+class VSession:
+    __slots__ = ("handle", "flags", "members", "ops", "find", "lock")
+
+    def __init__(self, handle: int, flags: int):
+        self.handle = handle
+        self.flags = flags
+        self.members: dict[str, int] = {}   # member name -> member session handle
+        self.ops: dict[str, object] = {}    # active operation kind -> Member
+        self.find = None                    # member running this session's search
+        self.lock = threading.Lock()
+
+    @property
+    def rw(self) -> bool:
+        return bool(self.flags & CKF_RW_SESSION)
+
+    def state(self, login) -> int:
+        if self.rw:
+            return {None: CKS.RW_PUBLIC_SESSION, CKU_USER: CKS.RW_USER_FUNCTIONS,
+                    CKU_SO: CKS.RW_SO_FUNCTIONS}[login]
+        return {None: CKS.RO_PUBLIC_SESSION, CKU_USER: CKS.RO_USER_FUNCTIONS}.get(
+            login, CKS.RO_PUBLIC_SESSION)
+
+
+class SessionTable:
+    def __init__(self):
+        self._next = itertools.count(1)
+        self.by_handle: dict[int, VSession] = {}
+
+    def new(self, flags: int) -> VSession:
+        vs = VSession(next(self._next), flags)
+        self.by_handle[vs.handle] = vs
+        return vs
+
+    def get(self, h: int):
+        return self.by_handle.get(h)
+
+    def remove(self, h: int):
+        return self.by_handle.pop(h, None)
+
+    def all(self):
+        return list(self.by_handle.values())
