@@ -15,13 +15,15 @@
  *
  * Operations (each timed as a whole, including its *Init):
  *   random32  C_GenerateRandom, 32 bytes
+ *   sessinfo  C_GetSessionInfo (no cryptography: the cost of one call crossing)
  *   ecdsa     C_SignInit(CKM_ECDSA) + C_Sign of a 32-byte hash
  *   rsa       C_SignInit(CKM_SHA256_RSA_PKCS) + C_Sign of 32 bytes
  *   aesgcm    C_EncryptInit(CKM_AES_GCM, 12-byte IV, 128-bit tag) + C_Encrypt of 1 KiB
  *
  * Output: one JSON object per line on stdout.
  *   {"kind":"info", ...}        module, token, C_Initialize and key set-up times
- *   {"kind":"latency", "op", "n", "median_us", "p90_us", "p99_us", "mean_us", "min_us", "max_us"}
+ *   {"kind":"latency", "op", "n", "median_us", "p90_us", "p99_us", "mean_us", "min_us", "max_us",
+ *    and for ops with an *Init: "init_median_us", "call_median_us" (medians of each half)}
  *   {"kind":"throughput", "op", "threads", "seconds", "ops", "ops_per_s"}
  *   {"kind":"error", "op", "phase", "function", "rv", "rv_name"}
  * Exit status: 0 when every requested measurement ran, 1 when some failed,
@@ -113,20 +115,33 @@ static CK_FUNCTION_LIST_PTR F;
 static CK_SLOT_ID slot;
 static CK_OBJECT_HANDLE ec_priv, rsa_priv, aes_key;
 
-/* Each op fills `fn` with the name of the failing function. */
-typedef CK_RV (*op_fn)(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn);
+/* Each op fills `fn` with the name of the failing function and, when `tmid`
+ * is not NULL and the op has an *Init, stores the time between Init and op. */
+typedef CK_RV (*op_fn)(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
+                       double *tmid);
 
 static unsigned char hash32[32];
 static unsigned char plain1k[1024];
 static unsigned char gcm_iv[12];
 
-static CK_RV op_random32(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
+static CK_RV op_random32(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
+                         double *tmid)
 {
+    (void)tmid;
     *fn = "C_GenerateRandom";
     return F->C_GenerateRandom(s, buf, 32);
 }
 
-static CK_RV op_ecdsa(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
+static CK_RV op_sessinfo(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
+                         double *tmid)
+{
+    (void)tmid;
+    *fn = "C_GetSessionInfo";
+    return F->C_GetSessionInfo(s, (CK_SESSION_INFO *)(void *)buf);
+}
+
+static CK_RV op_ecdsa(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
+                   double *tmid)
 {
     CK_MECHANISM m = { CKM_ECDSA, NULL, 0 };
     CK_ULONG len = 256;
@@ -134,11 +149,14 @@ static CK_RV op_ecdsa(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
     *fn = "C_SignInit";
     if ((rv = F->C_SignInit(s, &m, ec_priv)) != CKR_OK)
         return rv;
+    if (tmid)
+        *tmid = now_s();
     *fn = "C_Sign";
     return F->C_Sign(s, hash32, sizeof hash32, buf, &len);
 }
 
-static CK_RV op_rsa(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
+static CK_RV op_rsa(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
+                 double *tmid)
 {
     CK_MECHANISM m = { CKM_SHA256_RSA_PKCS, NULL, 0 };
     CK_ULONG len = 512;
@@ -146,11 +164,14 @@ static CK_RV op_rsa(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
     *fn = "C_SignInit";
     if ((rv = F->C_SignInit(s, &m, rsa_priv)) != CKR_OK)
         return rv;
+    if (tmid)
+        *tmid = now_s();
     *fn = "C_Sign";
     return F->C_Sign(s, hash32, sizeof hash32, buf, &len);
 }
 
-static CK_RV op_aesgcm(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
+static CK_RV op_aesgcm(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
+                    double *tmid)
 {
     CK_GCM_PARAMS p;
     memset(&p, 0, sizeof p);
@@ -166,6 +187,8 @@ static CK_RV op_aesgcm(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn)
     *fn = "C_EncryptInit";
     if ((rv = F->C_EncryptInit(s, &m, aes_key)) != CKR_OK)
         return rv;
+    if (tmid)
+        *tmid = now_s();
     *fn = "C_Encrypt";
     return F->C_Encrypt(s, plain1k, sizeof plain1k, buf, &len);
 }
@@ -178,6 +201,7 @@ static const struct {
     int needs; /* 0 none, 1 ec, 2 rsa, 3 aes */
 } OPS[] = {
     { "random32", op_random32, 0 },
+    { "sessinfo", op_sessinfo, 0 },
     { "ecdsa", op_ecdsa, 1 },
     { "rsa", op_rsa, 2 },
     { "aesgcm", op_aesgcm, 3 },
@@ -343,11 +367,15 @@ static void run_latency(CK_SESSION_HANDLE s, size_t oi, long warmup, long iters,
 {
     unsigned char *buf = malloc(BUFSZ);
     double *v = malloc(sizeof(double) * (size_t)iters);
+    double *vi = malloc(sizeof(double) * (size_t)iters); /* Init part */
+    double *vo = malloc(sizeof(double) * (size_t)iters); /* op part */
+    double tm;
+    long ni = 0;
     const char *fn = "";
     CK_RV rv;
     double w_end = now_s() + budget_s * 0.2; /* warm-up: count, bounded in time */
     for (long i = 0; i < warmup; i++) {
-        if ((rv = OPS[oi].fn(s, buf, &fn)) != CKR_OK) {
+        if ((rv = OPS[oi].fn(s, buf, &fn, NULL)) != CKR_OK) {
             report_error(OPS[oi].name, "latency", fn, rv);
             goto out;
         }
@@ -358,11 +386,16 @@ static void run_latency(CK_SESSION_HANDLE s, size_t oi, long warmup, long iters,
     double t_start = now_s(), t0, t1 = t_start;
     while (n < iters) {
         t0 = now_s();
-        rv = OPS[oi].fn(s, buf, &fn);
+        tm = -1.0;
+        rv = OPS[oi].fn(s, buf, &fn, &tm);
         t1 = now_s();
         if (rv != CKR_OK) {
             report_error(OPS[oi].name, "latency", fn, rv);
             goto out;
+        }
+        if (tm > 0) {
+            vi[ni] = (tm - t0) * 1e6;
+            vo[ni++] = (t1 - tm) * 1e6;
         }
         v[n++] = (t1 - t0) * 1e6;
         if (n >= min_iters && t1 - t_start > budget_s)
@@ -375,12 +408,21 @@ static void run_latency(CK_SESSION_HANDLE s, size_t oi, long warmup, long iters,
     double med = (n % 2) ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
     printf("{\"kind\":\"latency\",\"op\":\"%s\",\"n\":%ld,\"median_us\":%.3f,"
            "\"p90_us\":%.3f,\"p99_us\":%.3f,\"mean_us\":%.3f,\"min_us\":%.3f,"
-           "\"max_us\":%.3f,\"seconds\":%.3f}\n",
+           "\"max_us\":%.3f,\"seconds\":%.3f",
            OPS[oi].name, n, med, pct(v, (size_t)n, 0.90), pct(v, (size_t)n, 0.99),
            sum / (double)n, v[0], v[n - 1], t1 - t_start);
+    if (ni == n) { /* the op has an *Init: medians of its two halves */
+        qsort(vi, (size_t)ni, sizeof(double), cmp_double);
+        qsort(vo, (size_t)ni, sizeof(double), cmp_double);
+        printf(",\"init_median_us\":%.3f,\"call_median_us\":%.3f",
+               pct(vi, (size_t)ni, 0.5), pct(vo, (size_t)ni, 0.5));
+    }
+    printf("}\n");
     fflush(stdout);
 out:
     free(v);
+    free(vi);
+    free(vo);
     free(buf);
 }
 
@@ -408,13 +450,13 @@ static void *worker_main(void *arg)
     if (w->rv == CKR_OK) { /* warm-up in this thread's own session */
         double end = now_s() + w->warm_s;
         for (int i = 0; i < 3 || now_s() < end; i++)
-            if ((w->rv = OPS[w->oi].fn(s, buf, &w->fn)) != CKR_OK)
+            if ((w->rv = OPS[w->oi].fn(s, buf, &w->fn, NULL)) != CKR_OK)
                 break;
     }
     pthread_barrier_wait(w->bar);
     if (w->rv == CKR_OK) {
         while (!atomic_load_explicit(w->stop, memory_order_relaxed)) {
-            if ((w->rv = OPS[w->oi].fn(s, buf, &w->fn)) != CKR_OK)
+            if ((w->rv = OPS[w->oi].fn(s, buf, &w->fn, NULL)) != CKR_OK)
                 break;
             w->ops++;
         }
@@ -479,7 +521,8 @@ static void usage(FILE *f)
     fprintf(f,
         "usage: p11bench MODULE.so [options]\n"
         "  --pin PIN            user PIN (default $P11BENCH_PIN, else 1234)\n"
-        "  --ops LIST           comma list of random32,ecdsa,rsa,aesgcm (default all)\n"
+        "  --ops LIST           comma list of random32,sessinfo,ecdsa,rsa,aesgcm\n"
+        "                       (default random32,ecdsa,rsa,aesgcm)\n"
         "  --iters N            max timed calls per op for latency (default 200000)\n"
         "  --min-iters N        min timed calls per op (default 50)\n"
         "  --warmup N           max warm-up calls per op (default 200)\n"

@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests import softhsm  # noqa: E402
 
-OPS = ["random32", "ecdsa", "rsa", "aesgcm"]
+OPS = ["random32", "sessinfo", "ecdsa", "rsa", "aesgcm"]
 OP_DESC = {
     "random32": "C_GenerateRandom 32 B",
+    "sessinfo": "C_GetSessionInfo (no crypto: one call crossing)",
     "ecdsa": "ECDSA P-256, 32 B hash",
     "rsa": "RSA-2048 SHA256_RSA_PKCS",
     "aesgcm": "AES-256-GCM encrypt 1 KiB",
@@ -228,6 +229,14 @@ def summarize(a: Column, b: Column, ops: list[str], threads: list[int]) -> dict:
                 "n_direct": sum(x["n"] for x, _ in pairs),
                 "n_hashim": sum(y["n"] for _, y in pairs),
             })
+            if all("init_median_us" in x and "init_median_us" in y for x, y in pairs):
+                for part in ("init", "call"):
+                    k = f"{part}_median_us"
+                    ent[f"direct_{part}_us"] = median([x[k] for x, _ in pairs])
+                    ent[f"hashim_{part}_us"] = median([y[k] for _, y in pairs])
+                    ent[f"added_{part}_us"] = median([y[k] - x[k] for x, y in pairs])
+            ent.update({
+            })
         s["latency"][op] = ent
     for t in threads:
         for op in ops:
@@ -344,6 +353,19 @@ def print_report(mach, cfg, a: Column, b: Column, summary, trows, ops, threads, 
         P(f"{op:<9} {fmt_us(e['direct_p90_us']):>11} {fmt_us(e['direct_p99_us']):>9}"
           f" {fmt_us(e['hashim_p90_us']):>11} {fmt_us(e['hashim_p99_us']):>9}"
           f"   {e['n_direct']:>7}/{e['n_hashim']:<7}")
+    split = [op for op in ops if "added_init_us" in summary["latency"][op]]
+    if split:
+        P()
+        P("where the time goes: medians of the *Init and of the operation call, µs")
+        hdr4 = (f"{'op':<9} {'Init direct':>12} {'hashim':>8} {'added':>7}   "
+                f"{'call direct':>12} {'hashim':>8} {'added':>7}")
+        P(hdr4)
+        P("─" * len(hdr4))
+        for op in split:
+            e = summary["latency"][op]
+            P(f"{op:<9} {fmt_us(e['direct_init_us']):>12} {fmt_us(e['hashim_init_us']):>8}"
+              f" {e['added_init_us']:>+7.1f}   {fmt_us(e['direct_call_us']):>12}"
+              f" {fmt_us(e['hashim_call_us']):>8} {e['added_call_us']:>+7.1f}")
     other = [t for t in threads if t != tt]
     if other:
         P()
