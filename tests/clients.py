@@ -216,6 +216,15 @@ class CK_RSA_PKCS_OAEP_PARAMS(Structure):
                 ("pSourceData", c_void_p), ("ulSourceDataLen", CK_ULONG)]
 
 
+class CK_ECDH1_DERIVE_PARAMS(Structure):
+    _fields_ = [("kdf", CK_ULONG), ("ulSharedDataLen", CK_ULONG), ("pSharedData", c_void_p),
+                ("ulPublicDataLen", CK_ULONG), ("pPublicData", c_void_p)]
+
+
+class CK_KEY_DERIVATION_STRING_DATA(Structure):
+    _fields_ = [("pData", c_void_p), ("ulLen", CK_ULONG)]
+
+
 MUTEX_CREATE = CFUNCTYPE(CK_ULONG, POINTER(c_void_p))
 MUTEX_OP = CFUNCTYPE(CK_ULONG, c_void_p)
 
@@ -383,6 +392,21 @@ def gcm(iv: bytes, aad: bytes = b"", tag_bits: int = 128) -> Mechanism:
     p.pAAD, p.ulAADLen, p.ulTagBits = (ctypes.cast(aadb, c_void_p) if aad else None), len(aad), tag_bits
     m = Mechanism(K.CKM_AES_GCM, p)
     m._bufs = (ivb, aadb)  # type: ignore[attr-defined]
+    return m
+
+
+def ecdh(public_point: bytes) -> Mechanism:
+    pub = create_string_buffer(public_point, len(public_point))
+    p = CK_ECDH1_DERIVE_PARAMS(K.CKD_NULL, 0, None, len(public_point), ctypes.cast(pub, c_void_p))
+    m = Mechanism(K.CKM_ECDH1_DERIVE, p)
+    m._bufs = (pub,)  # type: ignore[attr-defined]
+    return m
+
+
+def derive_string(mech: int, data: bytes) -> Mechanism:
+    d = create_string_buffer(data, len(data))
+    m = Mechanism(mech, CK_KEY_DERIVATION_STRING_DATA(ctypes.cast(d, c_void_p), len(data)))
+    m._bufs = (d,)  # type: ignore[attr-defined]
     return m
 
 
