@@ -19,6 +19,9 @@ from .members.module import ffi as mffi
 from .spec import constants as K
 from .spec.constants import CKR, CKR_OK
 from .spec.functions import FUNCTIONS_V3, IN_C
+from .engine.mechanism import Mechanism
+from .members.objects import ATTR_SIZE, c_template
+from .spec.attributes import TEMPLATE_ATTRS
 from .spec.mechanisms import HANDLE_PARAMS
 
 log = logging.getLogger("hashim")
@@ -37,7 +40,6 @@ _init_lock = threading.Lock()
 M_MECH = mffi.typeof("CK_MECHANISM_PTR")
 M_ATTR = mffi.typeof("CK_ATTRIBUTE_PTR")
 M_TOKEN_INFO = mffi.typeof("CK_TOKEN_INFO_PTR")
-M_MECH_INFO = mffi.typeof("CK_MECHANISM_INFO_PTR")
 
 
 def bad(reason: str):
@@ -79,21 +81,6 @@ def need_buf(ptr, length, what):
 def tmpl(g, p, count):
     need_buf(p, count, "template")
     return mffi.cast(M_ATTR, p)
-
-
-def mech(g, m, p):
-    """The application's mechanism for member ``m``: as it came, unless its
-    parameter holds an object handle, which is translated."""
-    need(p, "mechanism")
-    if p.mechanism in HANDLE_PARAMS and p.pParameter != NULL \
-            and p.ulParameterLen == mffi.sizeof("CK_OBJECT_HANDLE"):
-        vh = sffi.cast("CK_OBJECT_HANDLE *", p.pParameter)[0]
-        param = mffi.new("CK_OBJECT_HANDLE *", g.handle(vh, m))
-        mm = mffi.new("CK_MECHANISM *", {"mechanism": p.mechanism, "pParameter": param,
-                                        "ulParameterLen": p.ulParameterLen})
-        mm._keep = param
-        return mm
-    return mffi.cast(M_MECH, p)
 
 
 # ---- general purpose --------------------------------------------------------------
@@ -180,29 +167,34 @@ def C_GetSlotInfo(g, slotID, pInfo):
     return OK
 
 
-def C_GetTokenInfo(g, slotID, pInfo):
+def _token(g, slotID):
     g.check_slot(slotID)
-    need(pInfo, "pInfo")
     if not g.token_present():
         raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
+
+
+def C_GetTokenInfo(g, slotID, pInfo):
+    need(pInfo, "pInfo")
+    _token(g, slotID)
     g.fill_token_info(mffi.cast(M_TOKEN_INFO, pInfo))
     return OK
 
 
 def C_GetMechanismList(g, slotID, pMechanismList, pulCount):
-    g.check_slot(slotID)
     need(pulCount, "pulCount")
-    if not g.token_present():
-        raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
-    return put_list(g.mechanism_list(), pMechanismList, pulCount)
+    _token(g, slotID)
+    return put_list(sorted(g.mechanisms()), pMechanismList, pulCount)
 
 
 def C_GetMechanismInfo(g, slotID, type, pInfo):
-    g.check_slot(slotID)
     need(pInfo, "pInfo")
-    if not g.token_present():
-        raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
-    return g.mechanism_info(type, mffi.cast(M_MECH_INFO, pInfo))
+    _token(g, slotID)
+    info = g.mechanisms().get(type)
+    if info is None:
+        raise P11Error(CKR.MECHANISM_INVALID, f"mechanism {type:#x} is not supported by "
+                       "every member of the group")
+    pInfo.ulMinKeySize, pInfo.ulMaxKeySize, pInfo.flags = info
+    return OK
 
 
 def C_InitToken(g, slotID, pPin, ulPinLen, pLabel):
@@ -213,17 +205,16 @@ def C_InitToken(g, slotID, pPin, ulPinLen, pLabel):
 
 def C_InitPIN(g, hSession, pPin, ulPinLen):
     need_buf(pPin, ulPinLen, "pPin")
-    return g.fanout_pin_change(g.session(hSession), "C_InitPIN", pPin, ulPinLen)
+    return g.fanout(g.session(hSession), "C_InitPIN", lambda m: (pPin, ulPinLen))
 
 
 def C_SetPIN(g, hSession, pOldPin, ulOldLen, pNewPin, ulNewLen):
     need_buf(pOldPin, ulOldLen, "pOldPin")
     need_buf(pNewPin, ulNewLen, "pNewPin")
-    rv = g.fanout_pin_change(g.session(hSession), "C_SetPIN", pOldPin, ulOldLen,
-                             pNewPin, ulNewLen)
+    rv = g.fanout(g.session(hSession), "C_SetPIN",
+                  lambda m: (pOldPin, ulOldLen, pNewPin, ulNewLen))
     if rv == OK and g.login == K.CKU_USER and pNewPin != NULL:
-        g._wipe_pin()
-        g._pin = bytearray(sffi.buffer(pNewPin, ulNewLen))
+        g.set_pin(bytes(sffi.buffer(pNewPin, ulNewLen)))
     return rv
 
 
@@ -257,19 +248,17 @@ def C_GetSessionInfo(g, hSession, pInfo):
 def C_GetOperationState(g, hSession, pOperationState, pulOperationStateLen):
     need(pulOperationStateLen, "pulOperationStateLen")
     vs = g.session(hSession)
-    m = g.pick(vs)
-    return g.call(m, "C_GetOperationState", g.member_session(vs, m), pOperationState,
-                  pulOperationStateLen)
+    return g.run(vs, "C_GetOperationState",
+                 lambda m: (pOperationState, pulOperationStateLen))[1]
 
 
 def C_SetOperationState(g, hSession, pOperationState, ulOperationStateLen,
                         hEncryptionKey, hAuthenticationKey):
     need_buf(pOperationState, ulOperationStateLen, "pOperationState")
     vs = g.session(hSession)
-    m = g.pick(vs)
-    return g.call(m, "C_SetOperationState", g.member_session(vs, m), pOperationState,
-                  ulOperationStateLen, g.handle(hEncryptionKey, m),
-                  g.handle(hAuthenticationKey, m))
+    return g.run(vs, "C_SetOperationState", lambda m: (
+        pOperationState, ulOperationStateLen, g.handle(hEncryptionKey, m),
+        g.handle(hAuthenticationKey, m)))[1]
 
 
 def C_Login(g, hSession, userType, pPin, ulPinLen):
@@ -290,65 +279,100 @@ def C_Logout(g, hSession):
 
 
 # ---- objects --------------------------------------------------------------------------
-def _created(g, m, rv, out, ph):
-    if rv == OK:
-        ph[0] = g.new_object(m, out[0])
-    return rv
+def read_template(p, count):
+    """The application's template as (type, bytes or nested list) pairs."""
+    p = mffi.cast(M_ATTR, p)
+    items = []
+    for i in range(count):
+        a = p[i]
+        if a.pValue == NULL or not a.ulValueLen:
+            items.append((int(a.type), b""))
+        elif a.type in TEMPLATE_ATTRS:
+            items.append((int(a.type), read_template(a.pValue, a.ulValueLen // ATTR_SIZE)))
+        else:
+            items.append((int(a.type), bytes(mffi.buffer(a.pValue, a.ulValueLen))))
+    return items
 
 
 def C_CreateObject(g, hSession, pTemplate, ulCount, phObject):
     need(phObject, "phObject")
     t = tmpl(g, pTemplate, ulCount)
     vs = g.session(hSession)
-    p = g.primary
-    out = mffi.new("CK_OBJECT_HANDLE *")
-    rv = g.call(p, "C_CreateObject", g.member_session(vs, p), t, ulCount, out)
-    return _created(g, p, rv, out, phObject)
+    rv, vhs = g.replay_create(vs, "C_CreateObject", lambda m, o: (t, ulCount, o))
+    if rv == OK:
+        phObject[0] = vhs[0]
+    return rv
 
 
 def C_CopyObject(g, hSession, hObject, pTemplate, ulCount, phNewObject):
     need(phNewObject, "phNewObject")
     t = tmpl(g, pTemplate, ulCount)
     vs = g.session(hSession)
-    p = g.primary
-    out = mffi.new("CK_OBJECT_HANDLE *")
-    rv = g.call(p, "C_CopyObject", g.member_session(vs, p), g.handle(hObject, p), t,
-                ulCount, out)
-    return _created(g, p, rv, out, phNewObject)
+    rv, vhs = g.replay_create(vs, "C_CopyObject",
+                              lambda m, o: (g.handle(hObject, m), t, ulCount, o))
+    if rv == OK:
+        phNewObject[0] = vhs[0]
+    return rv
 
 
 def C_DestroyObject(g, hSession, hObject):
     vs = g.session(hSession)
-    p = g.primary
-    rv = g.call(p, "C_DestroyObject", g.member_session(vs, p), g.handle(hObject, p))
+    info = g.describe(hObject)
+    rv = g.on_holders(vs, hObject, "C_DestroyObject", lambda m: ())
     if rv == OK:
         g.objects.forget(hObject)
+        g.replicator.destroyed(vs, info)
     return rv
 
 
 def _reader(g, vs, vh):
-    m = g.pick(vs, vh) if not vs.ops else g.primary
-    return m, g.member_session(vs, m), g.handle(vh, m)
+    """A member holding ``vh`` for reading it: the primary when it does."""
+    p = g.primary
+    if g.holds(p, vh):
+        return p
+    return g.pick(vs, (vh,))
 
 
 def C_GetObjectSize(g, hSession, hObject, pulSize):
     need(pulSize, "pulSize")
-    m, ms, mh = _reader(g, g.session(hSession), hObject)
-    return g.call(m, "C_GetObjectSize", ms, mh, pulSize)
+    vs = g.session(hSession)
+    return g.run(vs, "C_GetObjectSize", lambda m: (g.handle(hObject, m), pulSize),
+                 handles=(hObject,), member=_reader(g, vs, hObject))[1]
 
 
 def C_GetAttributeValue(g, hSession, hObject, pTemplate, ulCount):
     t = tmpl(g, pTemplate, ulCount)
-    m, ms, mh = _reader(g, g.session(hSession), hObject)
-    return g.call(m, "C_GetAttributeValue", ms, mh, t, ulCount)
+    vs = g.session(hSession)
+    rv = g.run(vs, "C_GetAttributeValue", lambda m: (g.handle(hObject, m), t, ulCount),
+               handles=(hObject,), member=_reader(g, vs, hObject))[1]
+    intent = g.replicator.intent(hObject)
+    if intent is not None and rv in (OK, CKR.ATTRIBUTE_SENSITIVE, CKR.ATTRIBUTE_TYPE_INVALID):
+        report_intent(t, ulCount, intent)
+    return rv
+
+
+def report_intent(t, count, intent):
+    """What the application asked for is what the HA slot reports."""
+    values = {K.CKA_EXTRACTABLE: intent["extractable"],
+              K.CKA_WRAP_WITH_TRUSTED: intent["wwt"],
+              K.CKA_NEVER_EXTRACTABLE: not intent["extractable"]}
+    for i in range(count):
+        a = t[i]
+        if a.type in values and a.pValue != NULL and a.ulValueLen >= 1:
+            mffi.cast("CK_BBOOL *", a.pValue)[0] = 1 if values[a.type] else 0
+            a.ulValueLen = 1
 
 
 def C_SetAttributeValue(g, hSession, hObject, pTemplate, ulCount):
     t = tmpl(g, pTemplate, ulCount)
     vs = g.session(hSession)
-    p = g.primary
-    return g.call(p, "C_SetAttributeValue", g.member_session(vs, p), g.handle(hObject, p),
-                  t, ulCount)
+    intent = g.replicator.intent(hObject)
+    if intent is not None and not intent["extractable"]:
+        for typ, value in read_template(pTemplate, ulCount):
+            if typ == K.CKA_EXTRACTABLE and value not in (b"", b"\x00"):
+                raise P11Error(CKR.ATTRIBUTE_READ_ONLY,
+                               "a non-extractable key cannot become extractable")
+    return g.on_holders(vs, hObject, "C_SetAttributeValue", lambda m: (t, ulCount))
 
 
 def C_FindObjectsInit(g, hSession, pTemplate, ulCount):
@@ -356,36 +380,60 @@ def C_FindObjectsInit(g, hSession, pTemplate, ulCount):
     vs = g.session(hSession)
     if vs.find is not None:
         raise P11Error(CKR.OPERATION_ACTIVE, "a search is already active in this session")
-    p = g.primary
-    rv = g.call(p, "C_FindObjectsInit", g.member_session(vs, p), t, ulCount)
-    if rv == OK:
-        vs.find = p
-    return rv
+    found, seen = [], set()
+    batch = mffi.new("CK_OBJECT_HANDLE[]", 256)
+    n = mffi.new("CK_ULONG *")
+    first = True
+    for m in g.online:
+        try:
+            ms = g.member_session(vs, m)
+            rv = m.call("C_FindObjectsInit", ms, t, ulCount)
+            if rv != OK:
+                if first:
+                    return rv
+                continue
+            handles = []
+            while True:
+                rv = m.call("C_FindObjects", ms, batch, 256, n)
+                if rv != OK:
+                    break
+                handles += [int(batch[i]) for i in range(n[0])]
+                if n[0] < 256:
+                    break
+            m.call("C_FindObjectsFinal", ms)
+        except MemberDown:
+            continue
+        first = False
+        for mh in handles:
+            vh = g.map_found(m, mh, ms)
+            if vh is not None and vh not in seen:
+                seen.add(vh)
+                found.append(vh)
+    if first:
+        raise P11Error(CKR.DEVICE_ERROR, "no member could run the search")
+    vs.find = found
+    return OK
 
 
 def C_FindObjects(g, hSession, phObject, ulMaxObjectCount, pulObjectCount):
     need(pulObjectCount, "pulObjectCount")
     need_buf(phObject, ulMaxObjectCount, "phObject")
     vs = g.session(hSession)
-    m = vs.find
-    if m is None:
+    if vs.find is None:
         raise P11Error(NOT_INITIALIZED_OP, "C_FindObjects without C_FindObjectsInit")
-    out = mffi.new("CK_OBJECT_HANDLE[]", max(ulMaxObjectCount, 1))
-    rv = g.call(m, "C_FindObjects", vs.members[m.name], out, ulMaxObjectCount,
-                pulObjectCount)
-    if rv == OK:
-        for i in range(pulObjectCount[0]):
-            phObject[i] = g.new_object(m, out[i])
-    return rv
+    out, vs.find = vs.find[:ulMaxObjectCount], vs.find[ulMaxObjectCount:]
+    for i, vh in enumerate(out):
+        phObject[i] = vh
+    pulObjectCount[0] = len(out)
+    return OK
 
 
 def C_FindObjectsFinal(g, hSession):
     vs = g.session(hSession)
-    m = vs.find
-    if m is None:
+    if vs.find is None:
         raise P11Error(NOT_INITIALIZED_OP, "C_FindObjectsFinal without C_FindObjectsInit")
     vs.find = None
-    return g.call(m, "C_FindObjectsFinal", vs.members[m.name])
+    return OK
 
 
 # ---- cryptographic operations, by shape (one handler per family) -------------------------
@@ -393,38 +441,55 @@ def op_init(kind, fname, with_key=True):
     def handler(g, hSession, pMechanism, hKey=None):
         need(pMechanism, "pMechanism")
         vs = g.session(hSession)
-        if with_key:
-            m = g.pick(vs, hKey)
-            args = (mech(g, m, pMechanism), g.handle(hKey, m))
-        else:
-            m = g.pick(vs)
-            args = (mech(g, m, pMechanism),)
-        rv = g.call(m, fname, g.member_session(vs, m), *args)
-        if rv == OK:
-            vs.ops[kind] = m
-        return rv
+        if kind in vs.ops:
+            raise P11Error(CKR.OPERATION_ACTIVE)
+        recorded = Mechanism(pMechanism)
+        direct = None if recorded.type in HANDLE_PARAMS else mffi.cast(M_MECH, pMechanism)
+        return g.start_op(vs, kind, fname, recorded, hKey if with_key else None, direct)
     return handler
 
 
-def _op_member(vs, kind):
-    m = vs.ops.get(kind)
-    if m is None:
+def _op(vs, kind):
+    op = vs.ops.get(kind)
+    if op is None:
         raise P11Error(NOT_INITIALIZED_OP)
-    return m
+    return op
+
+
+def _run_op(g, vs, kind, fname, args, ends):
+    """Run one call of an operation on its member. A single-part operation (or a
+    multi-part one before its first part was taken) whose member fails is replayed
+    on another member; after that, the failure ends it with CKR_DEVICE_ERROR."""
+    op = _op(vs, kind)
+    while True:
+        m = op.member
+        try:
+            rv = m.call(fname, vs.members.get(m.name, 0), *args)
+            break
+        except MemberDown as e:
+            if op.multipart:
+                vs.ops.pop(kind, None)
+                raise P11Error(CKR.DEVICE_ERROR, f"{e.reason}: the multi-part operation "
+                               "ended with its member; start it again")
+            op = g.replay_op(vs, kind, op)
+    if ends(rv):
+        vs.ops.pop(kind, None)
+    return rv
+
+
+def _ends_unless_length(p_out):
+    return lambda rv: not (rv == BUFFER_TOO_SMALL or (rv == OK and p_out == NULL))
 
 
 def op_single(kind, fname):
-    """(in, out) single-part and final calls: the operation ends unless the call was a
-    length query or answered CKR_BUFFER_TOO_SMALL."""
+    """(in, out) single-part calls: the operation ends unless the call was a length
+    query or answered CKR_BUFFER_TOO_SMALL."""
     def handler(g, hSession, pIn, ulInLen, pOut, pulOutLen):
         need_buf(pIn, ulInLen, "input")
         need(pulOutLen, "output length pointer")
         vs = g.session(hSession)
-        m = _op_member(vs, kind)
-        rv = g.call(m, fname, vs.members[m.name], pIn, ulInLen, pOut, pulOutLen)
-        if not (rv == BUFFER_TOO_SMALL or (rv == OK and pOut == NULL)):
-            vs.ops.pop(kind, None)
-        return rv
+        return _run_op(g, vs, kind, fname, (pIn, ulInLen, pOut, pulOutLen),
+                       _ends_unless_length(pOut))
     return handler
 
 
@@ -432,27 +497,26 @@ def op_final(kind, fname):
     def handler(g, hSession, pOut, pulOutLen):
         need(pulOutLen, "output length pointer")
         vs = g.session(hSession)
-        m = _op_member(vs, kind)
-        rv = g.call(m, fname, vs.members[m.name], pOut, pulOutLen)
-        if not (rv == BUFFER_TOO_SMALL or (rv == OK and pOut == NULL)):
-            vs.ops.pop(kind, None)
-        return rv
+        return _run_op(g, vs, kind, fname, (pOut, pulOutLen), _ends_unless_length(pOut))
     return handler
 
 
 def op_update(kinds, fname, with_output):
-    """Multi-part updates: pinned to the member of the operation; an error ends it."""
+    """Multi-part updates: pinned to the member that took the first part."""
     def handler(g, hSession, pIn, ulInLen, *out):
         need_buf(pIn, ulInLen, "input")
         if with_output:
             need(out[1], "output length pointer")
         vs = g.session(hSession)
-        m = _op_member(vs, kinds[0])
         for k in kinds[1:]:
-            _op_member(vs, k)
-        rv = g.call(m, fname, vs.members[m.name], pIn, ulInLen, *out)
-        if rv != OK and rv != BUFFER_TOO_SMALL:
-            for k in kinds:
+            _op(vs, k)
+        rv = _run_op(g, vs, kinds[0], fname, (pIn, ulInLen) + out,
+                     lambda rv: rv != OK and rv != BUFFER_TOO_SMALL)
+        for k in kinds:
+            if rv == OK or rv == BUFFER_TOO_SMALL:
+                if k in vs.ops:
+                    vs.ops[k].multipart = True
+            else:
                 vs.ops.pop(k, None)
         return rv
     return handler
@@ -464,32 +528,67 @@ def op_verify(kind, fname, with_data):
             need_buf(args[0], args[1], "data")
         need_buf(args[-2], args[-1], "signature")
         vs = g.session(hSession)
-        m = _op_member(vs, kind)
-        rv = g.call(m, fname, vs.members[m.name], *args)
-        vs.ops.pop(kind, None)
-        return rv
+        return _run_op(g, vs, kind, fname, args, lambda rv: True)
     return handler
 
 
 def C_DigestKey(g, hSession, hKey):
     vs = g.session(hSession)
-    m = _op_member(vs, "digest")
-    rv = g.call(m, "C_DigestKey", vs.members[m.name], g.handle(hKey, m))
-    if rv != OK:
-        vs.ops.pop("digest", None)
+    op = _op(vs, "digest")
+    rv = _run_op(g, vs, "digest", "C_DigestKey", (g.handle(hKey, op.member),),
+                 lambda rv: rv != OK)
+    if "digest" in vs.ops:
+        vs.ops["digest"].multipart = True
     return rv
 
 
 # ---- key management ---------------------------------------------------------------
+def _generate(g, vs, fname, p_mech, templates, out_count):
+    """Key generation on the primary, then copies on every other member. Secret and
+    private keys are generated so that they can travel under the domain key; the
+    application's own wish is recorded and enforced as its intent."""
+    replicate = len(g.members) > 1 and g.primary.domain_key is not None
+    intents = [None] * len(templates)
+    built = []
+    for i, (p, n, secret) in enumerate(templates):
+        if replicate and secret:
+            items, intents[i] = g.replicator.generation_template(read_template(p, n))
+            arr, keep = c_template(items)
+            built.append((arr, len(items), keep))
+        else:
+            built.append((tmpl(g, p, n), n, None))
+    recorded = Mechanism(p_mech)
+    out = mffi.new("CK_OBJECT_HANDLE[2]")
+
+    def args(m):
+        mech, keep = recorded.build(lambda vh: g.handle(vh, m))
+        args._keep = keep
+        flat = []
+        for arr, n, _ in built:
+            flat += [arr, n]
+        return (mech, *flat, *(out + i for i in range(out_count)))
+    p, rv = g.on_primary(vs, fname, args)
+    if rv != OK:
+        return rv, None
+    vhs = [g.adopt(vs, p, out[i]) for i in range(out_count)]
+    for i, vh in enumerate(vhs):
+        if intents[i] is not None:
+            g.replicator.record_intent(vs, vh, intents[i])
+    if replicate:
+        for i, vh in enumerate(vhs):
+            g.replicator.replicate(vs, p, vh, out[i])
+    return OK, vhs
+
+
 def C_GenerateKey(g, hSession, pMechanism, pTemplate, ulCount, phKey):
     need(phKey, "phKey")
-    t = tmpl(g, pTemplate, ulCount)
+    need(pMechanism, "pMechanism")
+    need_buf(pTemplate, ulCount, "template")
     vs = g.session(hSession)
-    p = g.primary
-    out = mffi.new("CK_OBJECT_HANDLE *")
-    rv = g.call(p, "C_GenerateKey", g.member_session(vs, p), mech(g, p, pMechanism), t,
-                ulCount, out)
-    return _created(g, p, rv, out, phKey)
+    rv, vhs = _generate(g, vs, "C_GenerateKey", pMechanism, [(pTemplate, ulCount, True)], 1)
+    if rv == OK:
+        phKey[0] = vhs[0]
+    return rv
 
 
 def C_GenerateKeyPair(g, hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount,
@@ -497,67 +596,71 @@ def C_GenerateKeyPair(g, hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAt
                       phPrivateKey):
     need(phPublicKey, "phPublicKey")
     need(phPrivateKey, "phPrivateKey")
-    pub = tmpl(g, pPublicKeyTemplate, ulPublicKeyAttributeCount)
-    priv = tmpl(g, pPrivateKeyTemplate, ulPrivateKeyAttributeCount)
+    need(pMechanism, "pMechanism")
+    need_buf(pPublicKeyTemplate, ulPublicKeyAttributeCount, "public key template")
+    need_buf(pPrivateKeyTemplate, ulPrivateKeyAttributeCount, "private key template")
     vs = g.session(hSession)
-    p = g.primary
-    out = mffi.new("CK_OBJECT_HANDLE[2]")
-    rv = g.call(p, "C_GenerateKeyPair", g.member_session(vs, p), mech(g, p, pMechanism),
-                pub, ulPublicKeyAttributeCount, priv, ulPrivateKeyAttributeCount,
-                out, out + 1)
+    rv, vhs = _generate(g, vs, "C_GenerateKeyPair", pMechanism,
+                        [(pPublicKeyTemplate, ulPublicKeyAttributeCount, False),
+                         (pPrivateKeyTemplate, ulPrivateKeyAttributeCount, True)], 2)
     if rv == OK:
-        phPublicKey[0] = g.new_object(p, out[0])
-        phPrivateKey[0] = g.new_object(p, out[1])
+        phPublicKey[0], phPrivateKey[0] = vhs
     return rv
 
 
 def C_WrapKey(g, hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen):
     need(pulWrappedKeyLen, "pulWrappedKeyLen")
+    need(pMechanism, "pMechanism")
     vs = g.session(hSession)
-    m = g.pick(vs, hWrappingKey, hKey) if not vs.ops else g.primary
-    return g.call(m, "C_WrapKey", g.member_session(vs, m), mech(g, m, pMechanism),
-                  g.handle(hWrappingKey, m), g.handle(hKey, m), pWrappedKey,
-                  pulWrappedKeyLen)
+    intent = g.replicator.intent(hKey)
+    if intent is not None and not intent["extractable"]:
+        raise P11Error(CKR.KEY_UNEXTRACTABLE, "the key was created non-extractable")
+    recorded = Mechanism(pMechanism)
+    return g.run(vs, "C_WrapKey", lambda m: (
+        recorded.build(lambda vh: g.handle(vh, m))[0], g.handle(hWrappingKey, m),
+        g.handle(hKey, m), pWrappedKey, pulWrappedKeyLen), handles=(hWrappingKey, hKey))[1]
 
 
 def C_UnwrapKey(g, hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen,
                 pTemplate, ulAttributeCount, phKey):
     need(phKey, "phKey")
+    need(pMechanism, "pMechanism")
     need_buf(pWrappedKey, ulWrappedKeyLen, "pWrappedKey")
     t = tmpl(g, pTemplate, ulAttributeCount)
     vs = g.session(hSession)
-    p = g.primary
-    out = mffi.new("CK_OBJECT_HANDLE *")
-    rv = g.call(p, "C_UnwrapKey", g.member_session(vs, p), mech(g, p, pMechanism),
-                g.handle(hUnwrappingKey, p), pWrappedKey, ulWrappedKeyLen, t,
-                ulAttributeCount, out)
-    return _created(g, p, rv, out, phKey)
+    recorded = Mechanism(pMechanism)
+    rv, vhs = g.replay_create(vs, "C_UnwrapKey", lambda m, o: (
+        recorded.build(lambda vh: g.handle(vh, m))[0], g.handle(hUnwrappingKey, m),
+        pWrappedKey, ulWrappedKeyLen, t, ulAttributeCount, o))
+    if rv == OK:
+        phKey[0] = vhs[0]
+    return rv
 
 
 def C_DeriveKey(g, hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey):
     need(phKey, "phKey")
+    need(pMechanism, "pMechanism")
     t = tmpl(g, pTemplate, ulAttributeCount)
     vs = g.session(hSession)
-    p = g.primary
-    out = mffi.new("CK_OBJECT_HANDLE *")
-    rv = g.call(p, "C_DeriveKey", g.member_session(vs, p), mech(g, p, pMechanism),
-                g.handle(hBaseKey, p), t, ulAttributeCount, out)
-    return _created(g, p, rv, out, phKey)
+    recorded = Mechanism(pMechanism)
+    rv, vhs = g.replay_create(vs, "C_DeriveKey", lambda m, o: (
+        recorded.build(lambda vh: g.handle(vh, m))[0], g.handle(hBaseKey, m), t,
+        ulAttributeCount, o))
+    if rv == OK:
+        phKey[0] = vhs[0]
+    return rv
 
 
 # ---- random, legacy, events ------------------------------------------------------------
 def C_SeedRandom(g, hSession, pSeed, ulSeedLen):
     need_buf(pSeed, ulSeedLen, "pSeed")
-    vs = g.session(hSession)
-    m = g.pick(vs)
-    return g.call(m, "C_SeedRandom", g.member_session(vs, m), pSeed, ulSeedLen)
+    return g.run(g.session(hSession), "C_SeedRandom", lambda m: (pSeed, ulSeedLen))[1]
 
 
 def C_GenerateRandom(g, hSession, RandomData, ulRandomLen):
     need_buf(RandomData, ulRandomLen, "RandomData")
-    vs = g.session(hSession)
-    m = g.pick(vs)
-    return g.call(m, "C_GenerateRandom", g.member_session(vs, m), RandomData, ulRandomLen)
+    return g.run(g.session(hSession), "C_GenerateRandom",
+                 lambda m: (RandomData, ulRandomLen))[1]
 
 
 def C_GetFunctionStatus(g, hSession):

@@ -1,59 +1,53 @@
 """The HA group: one virtual slot over the configured members.
 
-Sessions, object handles and logins are virtual (shim/engine/sessions.py,
-objects.py); every call is routed to a member and its handles translated:
-  * key management and object administration go to the primary (first online member);
-  * cryptographic operations go to the least busy online member holding their key,
-    and stay there from *Init to completion (a length query keeps the binding);
-  * logins are fanned out to every member.
+Sessions, object handles and logins are virtual (sessions.py, objects.py); every
+call is routed to a member and its handles translated:
+  * key management goes to the primary (the first online member) and is replicated
+    to every other online member before the call returns (replication.py);
+  * a cryptographic operation goes to the least busy online member holding its key
+    and stays there from *Init to completion; a single-part operation whose member
+    fails is replayed (*Init + operation) on another member; a multi-part one ends
+    with CKR_DEVICE_ERROR;
+  * logins are fanned out to every member and replayed on members that come back.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 import threading
+import time
 
 from ..errors import P11Error
-from ..members.member import Member
+from ..members import objects as mo
+from ..members.member import (DEVICE_ERROR, GIVEN_UP, ONLINE, RECOVERING,
+                              TOKEN_NOT_PRESENT, Member, MemberDown)
 from ..members.module import ffi
-from ..spec.constants import (CKF_RW_SESSION, CKF_SERIAL_SESSION, CKF_TOKEN_PRESENT,
-                              CKF_REMOVABLE_DEVICE, CKR, CKR_OK, CKU_SO, CKU_USER,
-                              CKU_CONTEXT_SPECIFIC, CK_INVALID_HANDLE)
+from ..spec.constants import (CKF_RW_SESSION, CKF_SERIAL_SESSION, CKR, CKR_OK,
+                              CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER, CK_INVALID_HANDLE)
+from .identity import describe
 from .objects import HandleMap
-from .sessions import SessionTable
+from .sessions import Op, SessionTable
 
 log = logging.getLogger("hashim")
 
 OK = CKR_OK
-BUFFER_TOO_SMALL = CKR.BUFFER_TOO_SMALL
 VERSION = (0, 1)
-
-
-def pad(text: str, n: int) -> bytes:
-    b = text.encode()[:n]
-    return b + b" " * (n - len(b))
-
-
-def cache_dir_for(config) -> str:
-    base = config.group.state_dir or os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/hashim-{os.getuid()}",
-        hashlib.sha256(os.path.abspath(config.path).encode()).hexdigest()[:12])
-    return os.path.join(base, "lib")
 
 
 class Group:
     def __init__(self, config):
         self.config = config
+        self.settings = config.group
         self.label = config.group.label
         self.slot_id = config.group.slot_id
-        self.serial = config.group.serial or hashlib.sha256(
-            self.label.encode()).hexdigest()[:16]
-        cache = cache_dir_for(config)
-        self.members = [Member(m, cache) for m in config.members]
+        self.serial = config.group.serial
+        self.members = [Member(m, self.cache_dir, self._member_failed)
+                        for m in config.members]
         self.sessions = SessionTable()
         self.objects = HandleMap()
+        self.info = {}                  # vh -> ObjectInfo
+        self.absent = set()             # (vh, member name): searched, not there
+        self.hidden = set()             # vhs of hashim's own objects
         self.login = None               # CKU_USER / CKU_SO while logged in
         self._pin = None                # bytearray, wiped on logout/finalize
         self._rotation = itertools.count()
@@ -61,64 +55,159 @@ class Group:
         self.events = threading.Condition()
         self.pending_event = False
         self.finalized = False
+        self.supervisor = None
+        self.replicator = None
+        self.started_at = time.time()
+
+    @property
+    def cache_dir(self) -> str:
+        import os
+        return os.path.join(self.config.group.state_dir, "lib")
 
     # ---- life cycle ---------------------------------------------------------
     def start(self):
+        from .replication import Replicator
+        from .supervisor import Supervisor
+        self.replicator = Replicator(self)
         problems = []
         for m in self.members:
             try:
-                m.start()
+                self.bring_up(m)
             except P11Error as e:
-                if e.rv == CKR.GENERAL_ERROR:      # configuration: module unusable
+                if e.rv == CKR.GENERAL_ERROR:      # configuration: the module is unusable
                     self.stop()
                     raise
-                m.set_state("token not present", str(e))
-                problems.append(str(e))
-                log.error("%s", e)
-        if not any(m.online for m in self.members):
+                m.set_state(TOKEN_NOT_PRESENT, e.reason or str(e))
+                problems.append(e.reason or str(e))
+                log.error("%s", e.reason or e)
+        if not self.online:
             self.stop()
             raise P11Error(CKR.FUNCTION_FAILED, "no member could be started: "
                            + "; ".join(problems))
+        self.supervisor = Supervisor(self)
+        self.supervisor.start()
+
+    def bring_up(self, m):
+        """Start (or restart) a member and put it into rotation: log it in when the
+        group is logged in, synchronise it, then mark it online."""
+        m.set_state(RECOVERING)
+        m.start()
+        m.domain_key = self.replicator.find_domain_key(m)
+        if self.login is not None and self._pin is not None:
+            rv = m.raw("C_Login", m.anchor, self.login, bytes(self._pin), len(self._pin))
+            if rv not in (OK, CKR.USER_ALREADY_LOGGED_IN):
+                raise P11Error(rv, f"member '{m.name}': the group's login is refused")
+        was_present = self.token_present()
+        m.recovery_attempt = 0
+        m.next_recovery = None
+        if self.login is not None:
+            self.replicator.sync_member(m)
+        m.set_state(ONLINE)
+        if not was_present:
+            self.post_event()
 
     def stop(self):
         self.finalized = True
+        if self.supervisor:
+            self.supervisor.stop()
         with self.events:
             self.events.notify_all()
         self._wipe_pin()
         for m in self.members:
-            m.stop()
+            if m.state != DEVICE_ERROR:        # a wedged module is not waited for
+                m.stop()
+
+    def _member_failed(self, m):
+        """Called once when a member fails: forget its sessions and handles."""
+        self.objects.forget_member(m.name)
+        self.absent = {k for k in self.absent if k[1] != m.name}
+        for vs in self.sessions.all():
+            vs.members.pop(m.name, None)
+        if self.supervisor:
+            self.supervisor.member_failed(m)
+        if not self.token_present():
+            self.post_event()
 
     # ---- members ------------------------------------------------------------
     @property
     def online(self):
-        return [m for m in self.members if m.online]
+        return [m for m in self.members if m.state == ONLINE]
 
     @property
     def primary(self) -> Member:
         for m in self.members:
-            if m.online:
+            if m.state == ONLINE:
                 return m
         raise P11Error(CKR.DEVICE_ERROR, "no member of the group is online")
 
-    def pick(self, vs, *handles) -> Member:
+    def holds(self, m, vh) -> bool:
+        """Does member ``m`` hold object ``vh``? Resolved by a search on first use."""
+        holders = self.objects.to_member.get(vh)
+        if holders is None:
+            return True               # unknown handle: any member answers "invalid"
+        if m.name in holders:
+            return True
+        if (vh, m.name) in self.absent:
+            return False
+        return self.resolve(vh, m) != CK_INVALID_HANDLE
+
+    def resolve(self, vh, m, session=None) -> int:
+        info = self.describe(vh)
+        if info is None:
+            return CK_INVALID_HANDLE
+        if session is None:
+            with m.lock:
+                found = mo.find(m, m.anchor, info.search, limit=2)
+        else:
+            found = mo.find(m, session, info.search, limit=2)
+        if len(found) != 1:
+            self.absent.add((vh, m.name))
+            return CK_INVALID_HANDLE
+        self.objects.link(vh, m.name, found[0])
+        return found[0]
+
+    def describe(self, vh):
+        info = self.info.get(vh)
+        if info is None:
+            for name, mh in list(self.objects.holders(vh).items()):
+                m = self.member(name)
+                if m is not None and m.online:
+                    try:
+                        info = describe(m, m.anchor, mh)
+                    except P11Error:
+                        continue
+                    self.info[vh] = info
+                    break
+        return info
+
+    def member(self, name):
+        for m in self.members:
+            if m.name == name:
+                return m
+        return None
+
+    def pick(self, vs, handles=(), exclude=()) -> Member:
         """The member for a new operation: the member of an operation already active
-        in the session, else the least busy online member holding every object."""
-        for m in vs.ops.values():
-            return m
-        best = None
-        cands = self.online
+        in the session, else the least busy online member holding every object
+        (ties rotate)."""
+        for op in vs.ops.values():
+            if op.member.state == ONLINE and op.member not in exclude:
+                return op.member
+        cands = [m for m in self.members if m.state == ONLINE and m not in exclude]
         if not cands:
             raise P11Error(CKR.DEVICE_ERROR, "no member of the group is online")
+        if handles:
+            cands = [m for m in cands if all(self.holds(m, h) for h in handles)] or cands
         n = len(cands)
+        if n == 1:
+            return cands[0]
         start = next(self._rotation) % n
+        best = None
         for i in range(n):
             m = cands[(start + i) % n]
-            if handles and not all(m.name in self.objects.holders(h) for h in handles
-                                   if h in self.objects.to_member):
-                continue
-            if best is None or m.in_flight < best.in_flight:
+            if best is None or len(m.calls) < len(best.calls):
                 best = m
-        return best or self.primary
+        return best
 
     def member_session(self, vs, m) -> int:
         h = vs.members.get(m.name)
@@ -127,13 +216,38 @@ class Group:
             vs.members[m.name] = h
         return h
 
-    def call(self, m, fname, *args) -> int:
-        m.in_flight += 1
-        try:
-            return m.f[fname](*args)
-        finally:
-            m.in_flight -= 1
-            m.served += 1
+    def handle(self, vh, m) -> int:
+        mh = self.objects.member(vh, m.name)
+        if mh == CK_INVALID_HANDLE and vh in self.objects.to_member \
+                and (vh, m.name) not in self.absent:
+            mh = self.resolve(vh, m)
+        return mh
+
+    def new_object(self, m, mh) -> int:
+        return self.objects.virtual(m.name, mh)
+
+    def run(self, vs, fname, args, handles=(), member=None):
+        """A stateless call on the least busy member holding ``handles`` (or on
+        ``member``); re-run elsewhere when that member fails. ``args(m)`` builds the
+        member's arguments (after the session)."""
+        tried = []
+        while True:
+            m = member or self.pick(vs, handles, exclude=tried)
+            member = None
+            try:
+                return m, m.call(fname, self.member_session(vs, m), *args(m))
+            except MemberDown:
+                m.failed_over += 1
+                tried.append(m)
+
+    def on_primary(self, vs, fname, args):
+        """A call on the primary; if the primary fails, on the next one."""
+        while True:
+            p = self.primary
+            try:
+                return p, p.call(fname, self.member_session(vs, p), *args(p))
+            except MemberDown:
+                p.failed_over += 1
 
     # ---- slot and token -----------------------------------------------------
     def check_slot(self, slot):
@@ -141,50 +255,71 @@ class Group:
             raise P11Error(CKR.SLOT_ID_INVALID, f"slot {slot} is not the HA slot {self.slot_id}")
 
     def token_present(self) -> bool:
-        return any(m.online for m in self.members)
+        return any(m.state == ONLINE for m in self.members)
 
     def slot_list(self, token_present: bool):
         if token_present and not self.token_present():
             return []
         return [self.slot_id]
 
-    def fill_slot_info(self, info):
-        info.slotDescription = pad(f"hashim HA slot: {self.label}", 64)
-        info.manufacturerID = pad("hashim", 32)
-        info.flags = CKF_REMOVABLE_DEVICE | (CKF_TOKEN_PRESENT if self.token_present() else 0)
-        info.hardwareVersion = VERSION
-        info.firmwareVersion = VERSION
-
     def fill_token_info(self, info):
         """The primary's token info under the group's identity; session counts are
-        the application's own virtual sessions."""
-        p = self.primary
-        rv = self.call(p, "C_GetTokenInfo", p.slot, info)
+        the application's own virtual sessions; limits are the group's minimum."""
+        while True:
+            p = self.primary
+            try:
+                rv = p.call("C_GetTokenInfo", p.slot, info)
+                break
+            except MemberDown:
+                continue
         if rv != OK:
             raise P11Error(rv, f"member '{p.name}': C_GetTokenInfo failed")
-        info.label = pad(self.label, 32)
-        info.manufacturerID = pad("hashim", 32)
-        info.model = pad("HA group", 16)
-        info.serialNumber = pad(self.serial, 16)
+        ffi.memmove(info.label, pad(self.label, 32), 32)
+        ffi.memmove(info.manufacturerID, pad("hashim", 32), 32)
+        ffi.memmove(info.model, pad("HA group", 16), 16)
+        ffi.memmove(info.serialNumber, pad(self.serial, 16), 16)
         sessions = self.sessions.all()
         info.ulSessionCount = len(sessions)
         info.ulRwSessionCount = sum(1 for s in sessions if s.rw)
 
-    def mechanism_list(self):
-        p = self.primary
+    def mechanisms(self) -> dict:
+        """What every online member can do: the intersection of their mechanisms, with
+        the narrowest key sizes and the common flags."""
+        common = None
+        for m in self.online:
+            if m.mechanisms is None:
+                try:
+                    m.mechanisms = self._read_mechanisms(m)
+                except MemberDown:
+                    continue
+            if common is None:
+                common = dict(m.mechanisms)
+                continue
+            for t in list(common):
+                if t not in m.mechanisms:
+                    del common[t]
+                else:
+                    a, b = common[t], m.mechanisms[t]
+                    common[t] = (max(a[0], b[0]), min(a[1], b[1]), a[2] & b[2])
+        if common is None:
+            raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
+        return common
+
+    def _read_mechanisms(self, m) -> dict:
         count = ffi.new("CK_ULONG *")
-        rv = self.call(p, "C_GetMechanismList", p.slot, ffi.NULL, count)
+        rv = m.call("C_GetMechanismList", m.slot, ffi.NULL, count)
         if rv != OK:
             raise P11Error(rv)
         arr = ffi.new("CK_MECHANISM_TYPE[]", max(count[0], 1))
-        rv = self.call(p, "C_GetMechanismList", p.slot, arr, count)
+        rv = m.call("C_GetMechanismList", m.slot, arr, count)
         if rv != OK:
             raise P11Error(rv)
-        return [int(arr[i]) for i in range(count[0])]
-
-    def mechanism_info(self, mech, info) -> int:
-        p = self.primary
-        return self.call(p, "C_GetMechanismInfo", p.slot, mech, info)
+        out = {}
+        info = ffi.new("CK_MECHANISM_INFO *")
+        for i in range(count[0]):
+            if m.call("C_GetMechanismInfo", m.slot, arr[i], info) == OK:
+                out[int(arr[i])] = (info.ulMinKeySize, info.ulMaxKeySize, info.flags)
+        return out
 
     # ---- sessions -----------------------------------------------------------
     def session(self, h):
@@ -201,8 +336,13 @@ class Group:
             raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
         if self.login == CKU_SO and not flags & CKF_RW_SESSION:
             raise P11Error(CKR.SESSION_READ_WRITE_SO_EXISTS)
-        p = self.primary
-        mh = p.open_session(flags)     # eager on the primary: its answer is the answer
+        while True:
+            p = self.primary
+            try:
+                mh = p.open_session(flags)   # eager on the primary: its answer is the answer
+                break
+            except MemberDown:
+                continue
         vs = self.sessions.new(flags)
         vs.members[p.name] = mh
         return vs.handle
@@ -227,16 +367,26 @@ class Group:
     def _close_member_sessions(self, vs):
         for m in self.members:
             mh = vs.members.pop(m.name, None)
-            if mh is not None and m.online:
-                m.close_session(mh)
+            if mh is not None and m.state == ONLINE:
+                try:
+                    m.call("C_CloseSession", mh)
+                except MemberDown:
+                    pass
+        self.objects.forget_session_objects(vs.handle)
 
     # ---- login --------------------------------------------------------------
-    def do_login(self, vs, user, pin: bytes | None, pin_ptr, pin_len) -> int:
+    def do_login(self, vs, user, pin, pin_ptr, pin_len) -> int:
         if user == CKU_CONTEXT_SPECIFIC:
-            m = self.pick(vs)
-            return self.call(m, "C_Login", self.member_session(vs, m), user, pin_ptr, pin_len)
-        p = self.primary
-        rv = self.call(p, "C_Login", self.member_session(vs, p), user, pin_ptr, pin_len)
+            op = next(iter(vs.ops.values()), None)
+            m = op.member if op else self.primary
+            return m.call("C_Login", self.member_session(vs, m), user, pin_ptr, pin_len)
+        while True:
+            p = self.primary
+            try:
+                rv = p.call("C_Login", self.member_session(vs, p), user, pin_ptr, pin_len)
+                break
+            except MemberDown:
+                continue
         if rv != OK:
             return rv
         with self.lock:
@@ -246,16 +396,24 @@ class Group:
             for m in self.online:
                 if m is p:
                     continue
-                r = self.call(m, "C_Login", m.anchor, user, pin_ptr, pin_len)
+                try:
+                    r = m.call("C_Login", m.anchor, user, pin_ptr, pin_len)
+                except MemberDown:
+                    continue
                 if r not in (OK, CKR.USER_ALREADY_LOGGED_IN):
-                    log.error("member '%s': rejects the login the primary accepted (%s); "
-                              "taken out of rotation", m.name, r)
-                    m.set_state("device error", f"login rejected ({r:#x})")
+                    m.fail(f"refuses the login the primary accepted ({r:#x})")
+        if user == CKU_USER:
+            self.replicator.sync_all()
         return OK
 
     def do_logout(self, vs) -> int:
-        p = self.primary
-        rv = self.call(p, "C_Logout", self.member_session(vs, p))
+        while True:
+            p = self.primary
+            try:
+                rv = p.call("C_Logout", self.member_session(vs, p))
+                break
+            except MemberDown:
+                continue
         if rv == OK:
             self._logged_out(skip=p)
         return rv
@@ -264,7 +422,10 @@ class Group:
         if self.login is not None:
             for m in self.online:
                 if m is not skip:
-                    self.call(m, "C_Logout", m.anchor)
+                    try:
+                        m.call("C_Logout", m.anchor)
+                    except MemberDown:
+                        pass
         self.login = None
         self._wipe_pin()
 
@@ -274,29 +435,134 @@ class Group:
                 self._pin[i] = 0
             self._pin = None
 
-    def fanout_pin_change(self, vs, fname, *args) -> int:
-        """C_InitPIN / C_SetPIN: on the primary, then on every other online member."""
-        p = self.primary
-        rv = self.call(p, fname, self.member_session(vs, p), *args)
+    def set_pin(self, pin: bytes):
+        self._wipe_pin()
+        self._pin = bytearray(pin)
+
+    def fanout(self, vs, fname, args) -> int:
+        """On the primary, then (if it succeeded) on every other online member."""
+        p, rv = self.on_primary(vs, fname, args)
         if rv == OK:
             for m in self.online:
                 if m is not p:
-                    r = self.call(m, fname, self.member_session(vs, m), *args)
+                    try:
+                        r = m.call(fname, self.member_session(vs, m), *args(m))
+                    except MemberDown:
+                        continue
                     if r != OK:
-                        log.error("member '%s': %s failed (%#x) after the primary changed "
-                                  "the PIN", m.name, fname, r)
+                        log.error("member '%s': %s failed (%#x) after the primary "
+                                  "succeeded", m.name, fname, r)
         return rv
 
-    # ---- routing helpers ------------------------------------------------------
-    def on_primary(self, vs, fname, *args) -> int:
-        p = self.primary
-        return self.call(p, fname, self.member_session(vs, p), *args)
+    # ---- objects: first sight, creation everywhere, operations replayed ----------
+    def map_found(self, m, mh, session):
+        """The virtual handle of an object a member returned (None: hashim's own,
+        hidden). Objects are matched across members by identity."""
+        vh = self.objects.to_virtual.get(m.name, {}).get(mh)
+        if vh is not None:
+            return None if vh in self.hidden else vh
+        info = describe(m, session, mh)
+        vh = self.objects.by_fingerprint.get(info.fingerprint)
+        if vh is not None and m.name not in self.objects.holders(vh):
+            self.objects.link(vh, m.name, mh)
+        else:
+            vh = self.objects.virtual(m.name, mh)
+            self.objects.by_fingerprint.setdefault(info.fingerprint, vh)
+        self.info.setdefault(vh, info)
+        if info.internal:
+            self.hidden.add(vh)
+            return None
+        return vh
 
-    def handle(self, vh, m) -> int:
-        return self.objects.member(vh, m.name)
+    def adopt(self, vs, m, mh):
+        """A new object made through the HA slot on member ``m``."""
+        vh = self.objects.virtual(m.name, mh)
+        info = describe(m, self.member_session(vs, m), mh)
+        self.info[vh] = info
+        self.objects.by_fingerprint[info.fingerprint] = vh
+        if not info.token:
+            self.objects.mark_session_object(vs.handle, vh)
+        self.replicator.tombstones.discard(info.fingerprint)
+        return vh
 
-    def new_object(self, m, mh) -> int:
-        return self.objects.virtual(m.name, mh)
+    def replay_create(self, vs, fname, args, count=1):
+        """A deterministic object-making call (create, copy, unwrap, derive) on the
+        primary, then the same call on every other online member."""
+        out = ffi.new("CK_OBJECT_HANDLE[2]")
+        p, rv = self.on_primary(vs, fname, lambda m: args(m, out))
+        if rv != OK:
+            return rv, None
+        vhs = [self.adopt(vs, p, out[i]) for i in range(count)]
+        for m in self.online:
+            if m is p:
+                continue
+            o = ffi.new("CK_OBJECT_HANDLE[2]")
+            try:
+                r = m.call(fname, self.member_session(vs, m), *args(m, o))
+            except MemberDown:
+                continue
+            if r != OK:
+                log.error("member '%s': %s answered %#x where the primary succeeded; the "
+                          "object stays on the other members", m.name, fname, r)
+                continue
+            for i, vh in enumerate(vhs):
+                self.objects.link(vh, m.name, o[i])
+        return OK, vhs
+
+    def on_holders(self, vs, vh, fname, args) -> int:
+        """A change to one object (set attribute, destroy): on the primary first, then
+        on every other online member holding it."""
+        p, rv = self.on_primary(vs, fname, lambda m: (self.handle(vh, m),) + args(m))
+        if rv == OK:
+            for m in self.online:
+                if m is p or not self.holds(m, vh):
+                    continue
+                try:
+                    r = m.call(fname, self.member_session(vs, m), self.handle(vh, m), *args(m))
+                except MemberDown:
+                    continue
+                if r != OK:
+                    log.error("member '%s': %s answered %#x where the primary succeeded",
+                              m.name, fname, r)
+        return rv
+
+    def start_op(self, vs, kind, init, mech, key, p_mech=None) -> int:
+        """*Init on the least busy member holding the key; recorded for replay."""
+        handles = (key,) if key is not None else ()
+        tried = []
+        while True:
+            m = self.pick(vs, handles, exclude=tried)
+            ms = self.member_session(vs, m)
+            cm, keep = (p_mech, None) if p_mech is not None else \
+                mech.build(lambda vh: self.handle(vh, m))
+            args = (cm,) if key is None else (cm, self.handle(key, m))
+            try:
+                rv = m.call(init, ms, *args)
+            except MemberDown:
+                m.failed_over += 1
+                tried.append(m)
+                p_mech = None
+                continue
+            if rv == OK:
+                vs.ops[kind] = Op(m, init, mech, key)
+            return rv
+
+    def replay_op(self, vs, kind, op):
+        """Move a single-part operation whose member failed to another member."""
+        failed = op.member
+        failed.failed_over += 1
+        try:
+            rv = self.start_op(vs, kind, op.init, op.mech, op.key)
+        except P11Error:
+            vs.ops.pop(kind, None)
+            raise
+        if rv != OK:
+            vs.ops.pop(kind, None)
+            raise P11Error(rv, f"replaying {op.init} on another member after "
+                           f"'{failed.name}' failed")
+        log.info("operation moved from failed member '%s' to '%s'", failed.name,
+                 vs.ops[kind].member.name)
+        return vs.ops[kind]
 
     # ---- slot events --------------------------------------------------------
     def wait_for_event(self, block: bool):
@@ -308,9 +574,16 @@ class Group:
                     raise P11Error(CKR.NO_EVENT)
                 self.events.wait(1.0)
             self.pending_event = False
+            if self.finalized:
+                raise P11Error(CKR.CRYPTOKI_NOT_INITIALIZED)
             return self.slot_id
 
     def post_event(self):
         with self.events:
             self.pending_event = True
             self.events.notify_all()
+
+
+def pad(text: str, n: int) -> bytes:
+    b = text.encode()[:n]
+    return b + b" " * (n - len(b))

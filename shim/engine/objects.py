@@ -14,6 +14,8 @@ class HandleMap:
         self._lock = threading.Lock()
         self.to_member: dict[int, dict[str, int]] = {}     # vh -> {member: mh}
         self.to_virtual: dict[str, dict[int, int]] = {}    # member -> {mh: vh}
+        self.by_fingerprint: dict[str, int] = {}           # identity -> vh
+        self.session_objects: dict[int, set[int]] = {}     # virtual session -> vhs
 
     def virtual(self, member: str, mh: int) -> int:
         """The virtual handle of member object ``mh`` (made on first sight)."""
@@ -46,8 +48,18 @@ class HandleMap:
 
     def forget(self, vh: int):
         with self._lock:
+            for fp, v in list(self.by_fingerprint.items()):
+                if v == vh:
+                    del self.by_fingerprint[fp]
             for member, mh in self.to_member.pop(vh, {}).items():
                 self.to_virtual.get(member, {}).pop(mh, None)
+
+    def mark_session_object(self, session: int, vh: int):
+        self.session_objects.setdefault(session, set()).add(vh)
+
+    def forget_session_objects(self, session: int):
+        for vh in self.session_objects.pop(session, ()):
+            self.forget(vh)
 
     def forget_member(self, member: str):
         with self._lock:

@@ -14,8 +14,8 @@ class VSession:
         self.handle = handle
         self.flags = flags
         self.members: dict[str, int] = {}   # member name -> member session handle
-        self.ops: dict[str, object] = {}    # active operation kind -> Member
-        self.find = None                    # member running this session's search
+        self.ops: dict[str, Op] = {}        # active operation kind -> Op
+        self.find = None                    # results of this session's search
         self.lock = threading.Lock()
 
     @property
@@ -28,6 +28,19 @@ class VSession:
                     CKU_SO: CKS.RW_SO_FUNCTIONS}[login]
         return {None: CKS.RO_PUBLIC_SESSION, CKU_USER: CKS.RO_USER_FUNCTIONS}.get(
             login, CKS.RO_PUBLIC_SESSION)
+
+
+class Op:
+    """An active cryptographic operation: where it runs, and how to start it again
+    elsewhere (its *Init function, recorded mechanism and key)."""
+    __slots__ = ("member", "init", "mech", "key", "multipart")
+
+    def __init__(self, member, init, mech, key):
+        self.member = member
+        self.init = init
+        self.mech = mech
+        self.key = key
+        self.multipart = False
 
 
 class SessionTable:

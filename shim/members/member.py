@@ -1,74 +1,158 @@
-"""A member of the HA group: its module, its token's slot, its state and counters."""
+"""A member of the HA group: its module, its token's slot, its state and counters.
+
+Every call to a member goes through ``Member.call``: it counts the call in flight
+(least-busy scheduling and supervision read that), and turns a device-level answer
+into ``MemberDown`` after marking the member failed. Application-level answers are
+returned unchanged."""
 from __future__ import annotations
 
+import itertools
 import logging
-import os
 import threading
 import time
 
-from ..errors import P11Error
-from ..spec.constants import CKF_RW_SESSION, CKF_SERIAL_SESSION, CKR_OK
+from ..errors import P11Error, rv_name
+from ..spec.constants import CKF_RW_SESSION, CKF_SERIAL_SESSION, CKR, CKR_OK
 from .module import Module, ffi, private_copy
 
 log = logging.getLogger("hashim")
 
 ONLINE = "online"
-DEVICE_ERROR = "device error"
-TOKEN_NOT_PRESENT = "token not present"
+DEVICE_ERROR = "device error"          # has just failed
+TOKEN_NOT_PRESENT = "token not present"  # failed, waiting for recovery
 RECOVERING = "recovering"
 GIVEN_UP = "given up"
 
+# Answers that mean the member, not the request, is in trouble: the member fails over.
+# Lost sessions (a member restarted under us) count: hashim only ever passes a member
+# the session handles that member gave it.
+DEVICE_LEVEL = frozenset({
+    CKR.DEVICE_ERROR, CKR.DEVICE_REMOVED, CKR.DEVICE_MEMORY, CKR.TOKEN_NOT_PRESENT,
+    CKR.TOKEN_NOT_RECOGNIZED, CKR.CRYPTOKI_NOT_INITIALIZED, CKR.SESSION_HANDLE_INVALID,
+    CKR.SESSION_CLOSED,
+})
+
+
+class MemberDown(P11Error):
+    """The member failed during a call; the caller re-runs elsewhere or gives up."""
+
+    def __init__(self, member, reason):
+        super().__init__(CKR.DEVICE_ERROR, f"member '{member.name}': {reason}")
+        self.member = member
+
 
 class Member:
-    def __init__(self, cfg, cache_dir: str):
+    def __init__(self, cfg, cache_dir: str, on_failure=None):
         self.cfg = cfg
         self.name = cfg.name
-        path = cfg.module
-        if cfg.private_instance:
-            path = private_copy(cfg.module, cfg.name, cache_dir)
-        self.module = Module(cfg.name, path, cfg.env)
+        self.cache_dir = cache_dir
+        self.module = None
         self.f = {}
         self.slot = None
-        self.anchor = None            # a session kept open: searches, probes, login
+        self.anchor = None            # a session kept open: login, searches, probes
+        self.domain_key = None        # handle of the group's domain key on this token
+        self.mechanisms = None        # {mechanism: (min, max, flags)}
         self.state = TOKEN_NOT_PRESENT
-        self.in_flight = 0
+        self.calls = {}               # call id -> (function, start time): in flight
+        self._ids = itertools.count()
         self.served = 0
         self.failed_over = 0
         self.last_error = None
         self.last_change = time.time()
-        self.lock = threading.Lock()
+        self.recovery_attempt = 0
+        self.next_recovery = None
+        self.generation = 0           # bumps at every (re)start: old sessions are void
+        self.on_failure = on_failure
+        self.lock = threading.RLock()
 
-    def start(self):
-        """Load, initialise, find the token, open the anchor session."""
-        self.module.initialize()
-        self.f = self.module.f
-        self.slot = self.module.find_slot(self.cfg.token_label, self.cfg.token_serial)
-        self.anchor = self.open_session(CKF_SERIAL_SESSION | CKF_RW_SESSION)
-        self.set_state(ONLINE)
+    @property
+    def kind(self) -> str:
+        if self.cfg.isolate:
+            return "isolated"
+        if "P11_KIT_SERVER_ADDRESS" in (self.cfg.env or {}):
+            return "remote"
+        return "in process"
 
-    def stop(self):
-        self.anchor = None
-        self.module.finalize()
-
-    def set_state(self, state, error=None):
-        if state != self.state:
-            log.info("member '%s': %s -> %s%s", self.name, self.state, state,
-                     f" ({error})" if error else "")
-            self.state = state
-            self.last_change = time.time()
-        if error:
-            self.last_error = error
+    @property
+    def in_flight(self) -> int:
+        return len(self.calls)
 
     @property
     def online(self) -> bool:
         return self.state == ONLINE
 
-    def open_session(self, flags) -> int:
+    # ---- life cycle ----------------------------------------------------------
+    def start(self):
+        """Load (a fresh instance where private), initialise, find the token, open
+        the anchor session. Raises P11Error."""
+        path = self.cfg.module
+        if self.cfg.private_instance:
+            path = private_copy(self.cfg.module, self.name, self.cache_dir)
+        self.module = Module(self.name, path, self.cfg.env)
+        self.module.initialize()
+        self.f = self.module.f
+        self.slot = self.module.find_slot(self.cfg.token_label, self.cfg.token_serial)
+        self.generation += 1
+        self.anchor = self.raw_open_session(CKF_SERIAL_SESSION | CKF_RW_SESSION)
+
+    def stop(self):
+        self.anchor = None
+        if self.module is not None:
+            self.module.finalize()
+
+    def set_state(self, state, error=None):
+        with self.lock:
+            if error:
+                self.last_error = error
+            if state != self.state:
+                log.info("member '%s': %s -> %s%s", self.name, self.state, state,
+                         f" ({error})" if error else "")
+                self.state = state
+                self.last_change = time.time()
+
+    def fail(self, reason: str):
+        """Take the member out of rotation (first failure wins)."""
+        with self.lock:
+            if self.state != ONLINE:
+                return
+            self.set_state(DEVICE_ERROR, reason)
+        log.error("member '%s' failed: %s", self.name, reason)
+        if self.on_failure:
+            self.on_failure(self)
+
+    # ---- calls ----------------------------------------------------------------
+    def call(self, fname, *args) -> int:
+        if self.state != ONLINE and self.state != RECOVERING:
+            raise MemberDown(self, "not online")
+        cid = next(self._ids)
+        self.calls[cid] = (fname, time.monotonic())
+        try:
+            rv = self.f[fname](*args)
+        except Exception as e:                      # a broken member module
+            self.calls.pop(cid, None)
+            self.fail(f"{fname} raised {e!r}")
+            raise MemberDown(self, f"{fname} failed: {e!r}")
+        self.calls.pop(cid, None)
+        if rv in DEVICE_LEVEL:
+            self.fail(f"{fname} returned {rv_name(rv)}")
+            raise MemberDown(self, f"{fname} returned {rv_name(rv)}")
+        self.served += 1
+        return rv
+
+    def raw(self, fname, *args) -> int:
+        """A call outside rotation (start-up, recovery, probes): no state checks."""
+        return self.f[fname](*args)
+
+    def raw_open_session(self, flags) -> int:
         h = ffi.new("CK_SESSION_HANDLE *")
         rv = self.f["C_OpenSession"](self.slot, flags, ffi.NULL, ffi.NULL, h)
         if rv != CKR_OK:
             raise P11Error(rv, f"member '{self.name}': C_OpenSession failed")
         return int(h[0])
 
-    def close_session(self, h: int) -> int:
-        return self.f["C_CloseSession"](h)
+    def open_session(self, flags) -> int:
+        h = ffi.new("CK_SESSION_HANDLE *")
+        rv = self.call("C_OpenSession", self.slot, flags, ffi.NULL, ffi.NULL, h)
+        if rv != CKR_OK:
+            raise P11Error(rv, f"member '{self.name}': C_OpenSession failed")
+        return int(h[0])
