@@ -57,10 +57,13 @@ def check_new_member(member_config: MemberConfig) -> list[str]:
     """Check a member before ``hashim group add-member`` writes it: returns the problems
     found (empty list: ok).  Called unless ``--no-check``.
 
-    TODO: load the module (as the engine would: private instance, env, isolation), find the
-    token by label/serial, log in with the group PIN (HASHIM_PIN / prompt), and check that
-    the group's domain key is present and trusted.  Until then: no checks."""
-    return []
+    The module is loaded in a child process (private instance and env honoured; a crash
+    or a hang -- killed after 30 s -- is reported as a problem), the token looked up by
+    label/serial, the user PIN ($HASHIM_PIN, or a prompt on a terminal; none is a problem)
+    tried, and the group's domain key looked for (present and trusted); see
+    :func:`shim.domain.check_new_member`."""
+    from .domain import check_new_member as check
+    return check(member_config)
 
 
 # --------------------------------------------------------------------------- argparse
