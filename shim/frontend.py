@@ -508,6 +508,9 @@ def op_update(kinds, fname, with_output):
         if with_output:
             need(out[1], "output length pointer")
         vs = g.session(hSession)
+        if len(kinds) > 1 and not any(k in vs.ops for k in kinds):
+            # no operation to combine: the member answers (often "not supported")
+            return g.on_primary(vs, fname, lambda m: (pIn, ulInLen) + out)[1]
         for k in kinds[1:]:
             _op(vs, k)
         rv = _run_op(g, vs, kinds[0], fname, (pIn, ulInLen) + out,
@@ -717,7 +720,7 @@ HANDLERS.update({
     "C_VerifyFinal": op_verify("verify", "C_VerifyFinal", False),
 })
 # Before C_Initialize (or after C_Finalize) only these may run.
-NO_ENGINE_NEEDED = {"C_Initialize", "C_GetInfo"}
+NO_ENGINE_NEEDED = {"C_Initialize"}
 
 
 def _entry(name, handler):

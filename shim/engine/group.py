@@ -103,7 +103,7 @@ class Group:
         if self.login is not None:
             self.replicator.sync_member(m)
         m.set_state(ONLINE)
-        if not was_present:
+        if not was_present and self.supervisor is not None:
             self.post_event()
 
     def stop(self):
@@ -315,8 +315,8 @@ class Group:
         if rv != OK:
             raise P11Error(rv)
         out = {}
-        info = ffi.new("CK_MECHANISM_INFO *")
         for i in range(count[0]):
+            info = ffi.new("CK_MECHANISM_INFO *")   # some modules only OR flags in
             if m.call("C_GetMechanismInfo", m.slot, arr[i], info) == OK:
                 out[int(arr[i])] = (info.ulMinKeySize, info.ulMaxKeySize, info.flags)
         return out

@@ -48,7 +48,7 @@ _POINTERS = {struct: fields for struct, fields in POINTER_PARAMS.values()}
 
 
 class Mechanism:
-    __slots__ = ("type", "raw", "fields", "struct")
+    __slots__ = ("type", "raw", "fields", "struct", "_alive")
 
     def __init__(self, p):
         """Copy the mechanism at ``p`` (a CK_MECHANISM pointer, any FFI)."""
@@ -57,6 +57,7 @@ class Mechanism:
         self.raw = None
         self.fields = None
         self.struct = None
+        self._alive = None
         n = p.ulParameterLen
         if p.pParameter != NULL and n:
             spec = POINTER_PARAMS.get(self.type)
@@ -67,7 +68,8 @@ class Mechanism:
                 self.raw = bytes(ffi.buffer(p.pParameter, n))
 
     def build(self, translate=None):
-        """A CK_MECHANISM for a member (``translate``: virtual -> member handle)."""
+        """A CK_MECHANISM for a member (``translate``: virtual -> member handle). It
+        stays valid until the next build of this mechanism."""
         mm = ffi.new("CK_MECHANISM *")
         mm.mechanism = self.type
         keep = []
@@ -82,4 +84,5 @@ class Mechanism:
             keep.append(buf)
             mm.pParameter = buf
             mm.ulParameterLen = len(self.raw)
+        self._alive = (mm, keep)
         return mm, keep
