@@ -82,7 +82,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from . import p11util as u
 from .config import Config, MemberConfig

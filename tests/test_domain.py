@@ -358,6 +358,7 @@ def test_check_new_member(tmp_path, monkeypatch):
     assert hashim(config(tmp_path, "a", toks[:1]), "domain", "init").returncode == 0
     good, bare = mconf(toks[0]), mconf(toks[1])
     assert _check(good, PIN, monkeypatch) == []
+    assert cli.check_new_member(good) == []          # the hook group add-member calls
 
     problems = _check(good, "00000000", monkeypatch)
     assert problems == ["the user PIN does not log in to the token with label 'hsm-a' "
