@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients import OPENSSL, Target, result, run, run_py
+from tests.clients import OPENSSL, PKCS11_TOOL, Target, base_env, result, run, run_py
 
 HERE = Path(__file__).resolve().parent
 DATA = b"hashim says hello to every host\n" * 8
@@ -81,6 +81,13 @@ def test_tool_keypairgen_and_list_objects(target: Target):
     public = target.tool("-O").stdout
     assert "Private Key Object" not in public, public
     assert public.count("Public Key Object") == 2, public
+    # the keys live on the real token: its own module sees the same objects
+    tok = target.token
+    direct = run([PKCS11_TOOL, "--module", tok.lib, "--token-label", tok.label, "-O", "--login",
+                  "--pin", tok.pin], base_env(**tok.env)).stdout
+    for kind in ("Private Key Object; RSA", "Private Key Object; EC", "Public Key Object; RSA 2048",
+                 "Secret Key Object; AES length 32"):
+        assert kind in direct, (kind, direct)
 
 
 def test_tool_rsa_sign_verify(target: Target, tmp_path):
