@@ -303,7 +303,10 @@ def print_report(mach, cfg, a: Column, b: Column, summary, trows, ops, threads, 
     P(f"software  Python {mach['python']}, SoftHSM {mach['softhsm']}, gcc {mach['gcc']},"
       f" hashim {mach['hashim_commit'] or '?'}")
     if mach.get("loadavg_at_start"):
-        P(f"load      {' '.join(map(str, mach['loadavg_at_start']))} (1/5/15 min, at start)")
+        end = mach.get("loadavg_at_end")
+        P(f"load      {' '.join(map(str, mach['loadavg_at_start']))} at start"
+          + (f", {' '.join(map(str, end))} at end" if end else "")
+          + f" (1/5/15 min; above {mach['cores']} means other work competed)")
     P(f"run       {cfg['rounds']} rounds ({cfg['order']}), latency {cfg['lat_seconds']} s/op,"
       f" throughput {cfg['seconds']} s/op x threads {','.join(map(str, threads))}")
     P(f"direct    {a.module}")
@@ -527,6 +530,10 @@ def main(argv=None) -> int:
                         log(f"bench:   {col.name} {e.get('op')}: {e.get('function')}"
                             f" -> {e.get('rv_name')}")
 
+        try:
+            mach["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        except OSError:
+            pass
         summary = summarize(direct, hashim, ops, threads)
         trows = targets(summary, ops, tput_threads)
         cfg = {"rounds": rounds, "order": "ABBA..." if rounds > 1 else "AB",
