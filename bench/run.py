@@ -98,9 +98,19 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "softhsm": cmd_out(["softhsm2-util", "--version"]) or "?",
         "gcc": (cmd_out([os.environ.get("CC", "gcc"), "-dumpfullversion"]) or "?"),
-        "hashim_commit": cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "hashim_commit": hashim_commit(),
         "loadavg_at_start": [round(x, 2) for x in load] if load else None,
     }
+
+
+def hashim_commit() -> str:
+    """HEAD, plus '+dirty' when the module's sources have uncommitted changes (an
+    editable install runs the working tree, so that is what gets measured)."""
+    head = cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if head and cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                         "shim", "native"]):
+        head += "+dirty"
+    return head
 
 
 def compile_p11bench(workdir: Path) -> Path:
@@ -310,7 +320,8 @@ def print_report(mach, cfg, a: Column, b: Column, summary, trows, ops, threads, 
     P(f"run       {cfg['rounds']} rounds ({cfg['order']}), latency {cfg['lat_seconds']} s/op,"
       f" throughput {cfg['seconds']} s/op x threads {','.join(map(str, threads))}")
     P(f"direct    {a.module}")
-    P(f"hashim    {b.module}" + ("   [A/A mode: this column is SoftHSM2 too]" if cfg["aa"] else ""))
+    P(f"hashim    {b.module}" + ("   [A/A mode: this column is SoftHSM2 too]" if cfg["aa"] else "")
+      + "".join(f" {k}={v}" for k, v in cfg["hashim_env"].items()))
 
     def info_ms(col, key):
         xs = [i[key] for i in col.info if i and key in i]
@@ -433,6 +444,9 @@ def main(argv=None) -> int:
     ap.add_argument("--aa", action="store_true",
                     help="A/A run: both columns SoftHSM2 direct (shows the noise floor; "
                          "also usable before the hashim module is built)")
+    ap.add_argument("--hashim-env", action="append", default=[], metavar="K=V",
+                    help="extra environment for the hashim column only (repeatable), "
+                         "e.g. to compare the module's run-time modes")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
 
@@ -450,6 +464,12 @@ def main(argv=None) -> int:
     if not ops or any(o not in OPS for o in ops):
         ap.error(f"--ops wants a comma list of {','.join(OPS)}")
     tput_threads = 4 if 4 in threads else max(threads)
+    extra_env = {}
+    for kv in args.hashim_env:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            ap.error("--hashim-env wants K=V")
+        extra_env[k] = v
     if rounds < 1:
         ap.error("--rounds must be at least 1")
 
@@ -491,7 +511,8 @@ def main(argv=None) -> int:
         else:
             conf = softhsm.write_config(tmp / "hashim.toml", [tok_b], label="bench-ha-group",
                                         log=str(tmp / "ha.log"))
-            hashim = Column("hashim", module, dict(base_env, HASHIM_CONF=str(conf)))
+            hashim = Column("hashim", module,
+                            dict(base_env, HASHIM_CONF=str(conf), **extra_env))
 
         # Keys: created directly in each SoftHSM2 token (same kinds, same labels),
         # then found by label in every measured run.  The hashim column's set-up run
@@ -539,6 +560,7 @@ def main(argv=None) -> int:
         cfg = {"rounds": rounds, "order": "ABBA..." if rounds > 1 else "AB",
                "lat_seconds": lat_s, "seconds": tput_s, "warm_seconds": warm_s,
                "threads": threads, "ops": ops, "quick": q, "aa": args.aa,
+               "hashim_env": extra_env,
                "wall_s": round(time.monotonic() - t_start, 1)}
         print_report(mach, cfg, direct, hashim, summary, trows, ops, threads, tput_threads)
         print(f"(wall time {cfg['wall_s']} s)")
