@@ -50,6 +50,7 @@ def baked_paths() -> dict[str, str]:
 
 
 def c_source() -> str:
+    SUPERVISE_C = open(os.path.join(HERE, "supervise.c")).read()
     paths = baked_paths()
     defines = "".join(f"#define {k} {c_string(v)}\n" for k, v in paths.items())
     wrappers = []
@@ -70,6 +71,7 @@ def c_source() -> str:
 #include <string.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <time.h>
 {defines}
 #define HASHIM_MAGIC {MAGIC}
 {TYPES}
@@ -164,6 +166,8 @@ static const char *hashim_module_file(void)
 }}
 static const char *hashim_py_sites(void) {{ return HASHIM_PY_SITES; }}
 
+
+{SUPERVISE_C}
 /* ---- the function lists and interfaces --------------------------------- */
 {"".join(f"HASHIM_EXPORT CK_RV {f.name}({f.c_params});" + chr(10) for f in FUNCTIONS_V3)}
 static CK_FUNCTION_LIST hashim_functions = {{
@@ -231,6 +235,10 @@ def python_cdef() -> str:
         lines.append(f'extern "Python" CK_RV py_{f.name}({f.c_params});')
     lines.append("const char *hashim_module_file(void);")
     lines.append("const char *hashim_py_sites(void);")
+    lines.append("int hashim_call(void *fn, CK_ULONG *args, double seconds, CK_RV *rv, void **job);")
+    lines.append("int hashim_wait(void *job, double seconds, CK_RV *rv);")
+    lines.append("void hashim_abandon(void *job);")
+    lines.append("int hashim_pool_size(void);")
     return "\n".join(lines)
 
 

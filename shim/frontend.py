@@ -161,7 +161,7 @@ def C_GetSlotInfo(g, slotID, pInfo):
     need(pInfo, "pInfo")
     sffi.memmove(pInfo.slotDescription, pad(f"hashim HA slot: {g.label}", 64), 64)
     sffi.memmove(pInfo.manufacturerID, pad("hashim", 32), 32)
-    pInfo.flags = K.CKF_REMOVABLE_DEVICE | (K.CKF_TOKEN_PRESENT if g.token_present() else 0)
+    pInfo.flags = K.CKF_TOKEN_PRESENT if g.token_present() else 0
     for v in (pInfo.hardwareVersion, pInfo.firmwareVersion):
         v.major, v.minor = g_version()
     return OK
@@ -754,6 +754,8 @@ def _after_fork_in_child():
 def install(ffi, lib):
     global sffi, NULL
     sffi, NULL = ffi, ffi.NULL
+    from . import native
+    native.attach(ffi, lib)
     for f in FUNCTIONS_V3:
         if f.name in IN_C:
             continue

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 
 from ..errors import P11Error, rv_name
 from ..spec.constants import CKF_RW_SESSION, CKF_SERIAL_SESSION, CKR, CKR_OK
+from .. import native
 from .module import Module, ffi, private_copy
 
 log = logging.getLogger("hashim")
@@ -31,6 +33,57 @@ DEVICE_LEVEL = frozenset({
     CKR.TOKEN_NOT_RECOGNIZED, CKR.CRYPTOKI_NOT_INITIALIZED, CKR.SESSION_HANDLE_INVALID,
     CKR.SESSION_CLOSED,
 })
+
+
+# How member calls run:
+#   "thread" hands each call to a worker of the stub's pool and waits with a deadline:
+#            a hung call is abandoned and re-run elsewhere, the application goes on;
+#   "inline" calls on the application's thread: cheaper, and the member sees the
+#            application's thread (some modules share thread-local library state with
+#            their host: SoftHSM2 and pkcs11-tool share OpenSSL's, and pkcs11-tool's
+#            EC key decoding failed when SoftHSM2 ran on another thread); a hung call
+#            keeps its caller waiting while the group fails over for everyone else.
+#   "auto"   (default) inline for in-process members, thread for isolated and remote
+#            ones (their module runs in another process: nothing thread-local shared).
+SUPERVISE = os.environ.get("HASHIM_SUPERVISE", "auto")
+WAIT_SLICE = 0.05       # seconds between two looks at a still-running call
+
+
+def _word(a, keep):
+    """A call argument as a machine word for the worker pool."""
+    if type(a) is int:
+        return a
+    if type(a) is bytes:
+        b = ffi.from_buffer(a)
+        keep.append(b)
+        a = b
+    return int(ffi.cast("uintptr_t", a))
+
+
+RAW_TIMEOUT = float(os.environ.get("HASHIM_START_TIMEOUT", "60"))
+
+
+def pooled(member, fname, fn, args, gone) -> int:
+    """Call ``fn(*args)`` on a worker of the stub's pool (the caller's thread keeps
+    no state of the member's: neither a hang nor, say, a library's thread-local error
+    queue). ``gone()`` is asked every WAIT_SLICE while the call runs; a reason from it
+    abandons the call (the worker stays behind) and raises MemberDown."""
+    sffi, lib = native.ffi, native.lib
+    keep = []
+    words = sffi.new("CK_ULONG[9]", [_word(a, keep) for a in args])
+    rv = sffi.new("CK_RV *")
+    job = sffi.new("void **")
+    done = lib.hashim_call(sffi.cast("void *", int(ffi.cast("uintptr_t", fn))), words,
+                           WAIT_SLICE, rv, job)
+    while done == 0:
+        reason = gone()
+        if reason:
+            lib.hashim_abandon(job[0])
+            raise MemberDown(member, reason)
+        done = lib.hashim_wait(job[0], WAIT_SLICE, rv)
+    if done < 0:
+        raise MemberDown(member, f"{fname}: no worker thread could be started")
+    return rv[0]
 
 
 class MemberDown(P11Error):
@@ -64,6 +117,7 @@ class Member:
         self.generation = 0           # bumps at every (re)start: old sessions are void
         self.on_failure = on_failure
         self.lock = threading.RLock()
+        self.handoff = self._handoff()
 
     @property
     def kind(self) -> str:
@@ -88,7 +142,7 @@ class Member:
         path = self.cfg.module
         if self.cfg.private_instance:
             path = private_copy(self.cfg.module, self.name, self.cache_dir)
-        self.module = Module(self.name, path, self.cfg.env)
+        self.module = Module(self.name, path, self.cfg.env, invoke=self.invoke)
         self.module.initialize()
         self.f = self.module.f
         self.slot = self.module.find_slot(self.cfg.token_label, self.cfg.token_serial)
@@ -127,7 +181,13 @@ class Member:
         cid = next(self._ids)
         self.calls[cid] = (fname, time.monotonic())
         try:
-            rv = self.f[fname](*args)
+            if self.handoff:
+                rv = self._supervised(fname, args)
+            else:
+                rv = self.f[fname](*args)
+        except MemberDown:
+            self.calls.pop(cid, None)
+            raise
         except Exception as e:                      # a broken member module
             self.calls.pop(cid, None)
             self.fail(f"{fname} raised {e!r}")
@@ -139,13 +199,40 @@ class Member:
         self.served += 1
         return rv
 
+    def _supervised(self, fname, args) -> int:
+        """Run the call on a pool worker; while it runs, look every WAIT_SLICE at the
+        member: once the supervisor failed it (no sign of life within the command
+        timeout), the call is abandoned and the caller re-runs elsewhere."""
+        def gone():
+            if self.state not in (ONLINE, RECOVERING):
+                return f"{fname} abandoned: {self.last_error}"
+        return pooled(self, fname, self.f[fname], args, gone)
+
     def raw(self, fname, *args) -> int:
-        """A call outside rotation (start-up, recovery, probes): no state checks."""
-        return self.f[fname](*args)
+        """A call outside rotation (start-up, recovery, probes): no state checks; on a
+        pool worker when there is one, abandoned after RAW_TIMEOUT."""
+        return self.invoke(fname, self.f[fname], *args)
+
+    def _handoff(self) -> bool:
+        if native.lib is None:
+            return False
+        if SUPERVISE == "auto":
+            return self.kind != "in process"
+        return SUPERVISE == "thread"
+
+    def invoke(self, fname, fn, *args) -> int:
+        if not self.handoff:
+            return fn(*args)
+        deadline = time.monotonic() + RAW_TIMEOUT
+
+        def gone():
+            if time.monotonic() > deadline:
+                return f"{fname} did not return within {RAW_TIMEOUT:g} s"
+        return pooled(self, fname, fn, args, gone)
 
     def raw_open_session(self, flags) -> int:
         h = ffi.new("CK_SESSION_HANDLE *")
-        rv = self.f["C_OpenSession"](self.slot, flags, ffi.NULL, ffi.NULL, h)
+        rv = self.raw("C_OpenSession", self.slot, flags, ffi.NULL, ffi.NULL, h)
         if rv != CKR_OK:
             raise P11Error(rv, f"member '{self.name}': C_OpenSession failed")
         return int(h[0])

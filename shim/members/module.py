@@ -77,7 +77,8 @@ def _text(raw) -> str:
 class Module:
     """A loaded member module: its function table and the slot of its token."""
 
-    def __init__(self, name: str, path: str, env=None):
+    def __init__(self, name: str, path: str, env=None, invoke=None):
+        self.invoke = invoke or (lambda fname, fn, *args: fn(*args))
         self.name = name
         self.path = path
         self.env = env or {}
@@ -111,6 +112,9 @@ class Module:
         args = ffi.new("CK_C_INITIALIZE_ARGS *")
         args.flags = CKF_OS_LOCKING_OK
         with _Environment(self.env):
+            # on the calling thread, as the module would be initialised without
+            # hashim: some modules set up thread-local library state here (SoftHSM2
+            # loads OpenSSL engines into the caller's default OpenSSL context)
             rv = self.f["C_Initialize"](args)
         if rv not in (CKR_OK, CKR.CRYPTOKI_ALREADY_INITIALIZED):
             raise P11Error(rv, f"member '{self.name}': C_Initialize of {self.path} failed")
@@ -120,23 +124,24 @@ class Module:
         if self.initialized:
             self.initialized = False
             try:
-                self.f["C_Finalize"](ffi.NULL)
+                self.invoke("C_Finalize", self.f["C_Finalize"], ffi.NULL)
             except Exception:  # a member that crashes on finalize must not stop the others
                 log.exception("member '%s': C_Finalize failed", self.name)
 
     def find_slot(self, token_label=None, token_serial=None) -> int:
         count = ffi.new("CK_ULONG *")
-        rv = self.f["C_GetSlotList"](1, ffi.NULL, count)
+        call = lambda fname, *a: self.invoke(fname, self.f[fname], *a)  # noqa: E731
+        rv = call("C_GetSlotList", 1, ffi.NULL, count)
         if rv != CKR_OK:
             raise P11Error(rv, f"member '{self.name}': C_GetSlotList failed")
         slots = ffi.new("CK_SLOT_ID[]", max(count[0], 1))
-        rv = self.f["C_GetSlotList"](1, slots, count)
+        rv = call("C_GetSlotList", 1, slots, count)
         if rv != CKR_OK:
             raise P11Error(rv, f"member '{self.name}': C_GetSlotList failed")
         info = ffi.new("CK_TOKEN_INFO *")
         seen = []
         for i in range(count[0]):
-            if self.f["C_GetTokenInfo"](slots[i], info) != CKR_OK:
+            if call("C_GetTokenInfo", slots[i], info) != CKR_OK:
                 continue
             label, serial = _text(info.label), _text(info.serialNumber)
             seen.append(f"'{label}' (serial {serial})")
