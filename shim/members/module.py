@@ -107,11 +107,11 @@ class Module:
         self.f = {fn.name: getattr(self.fl, fn.name) for fn in FUNCTIONS_V2}
 
     def initialize(self):
-        if self.fl is None:
-            self.load()
         args = ffi.new("CK_C_INITIALIZE_ARGS *")
         args.flags = CKF_OS_LOCKING_OK
         with _Environment(self.env):
+            if self.fl is None:     # some modules read their environment at load
+                self.load()         # (C_GetFunctionList), not at C_Initialize
             # on the calling thread, as the module would be initialised without
             # hashim: some modules set up thread-local library state here (SoftHSM2
             # loads OpenSSL engines into the caller's default OpenSSL context)
