@@ -156,9 +156,24 @@ def C_GetSlotList(g, tokenPresent, pSlotList, pulCount):
     return put_list(g.slot_list(bool(tokenPresent)), pSlotList, pulCount)
 
 
+def on_member_slot(g, slotID, fname, *args):
+    """ha_only = false: a call on a member's own slot goes to that member as it is
+    (None when ``slotID`` is not a member's slot)."""
+    m = g.member_slot(slotID)
+    if m is None:
+        return None
+    if m.state != "online":
+        raise P11Error(CKR.TOKEN_NOT_PRESENT if fname != "C_GetSlotInfo" else CKR.DEVICE_ERROR,
+                       f"member '{m.name}' is not online")
+    return m.call(fname, m.slot, *args)
+
+
 def C_GetSlotInfo(g, slotID, pInfo):
-    g.check_slot(slotID)
     need(pInfo, "pInfo")
+    rv = on_member_slot(g, slotID, "C_GetSlotInfo", mffi.cast("CK_SLOT_INFO *", pInfo))
+    if rv is not None:
+        return rv
+    g.check_slot(slotID)
     sffi.memmove(pInfo.slotDescription, pad(f"hashim HA slot: {g.label}", 64), 64)
     sffi.memmove(pInfo.manufacturerID, pad("hashim", 32), 32)
     pInfo.flags = K.CKF_TOKEN_PRESENT if g.token_present() else 0
@@ -175,6 +190,9 @@ def _token(g, slotID):
 
 def C_GetTokenInfo(g, slotID, pInfo):
     need(pInfo, "pInfo")
+    rv = on_member_slot(g, slotID, "C_GetTokenInfo", mffi.cast(M_TOKEN_INFO, pInfo))
+    if rv is not None:
+        return rv
     _token(g, slotID)
     g.fill_token_info(mffi.cast(M_TOKEN_INFO, pInfo))
     return OK
@@ -182,12 +200,19 @@ def C_GetTokenInfo(g, slotID, pInfo):
 
 def C_GetMechanismList(g, slotID, pMechanismList, pulCount):
     need(pulCount, "pulCount")
+    rv = on_member_slot(g, slotID, "C_GetMechanismList", pMechanismList, pulCount)
+    if rv is not None:
+        return rv
     _token(g, slotID)
     return put_list(sorted(g.mechanisms()), pMechanismList, pulCount)
 
 
 def C_GetMechanismInfo(g, slotID, type, pInfo):
     need(pInfo, "pInfo")
+    rv = on_member_slot(g, slotID, "C_GetMechanismInfo", type,
+                        mffi.cast("CK_MECHANISM_INFO *", pInfo))
+    if rv is not None:
+        return rv
     _token(g, slotID)
     info = g.mechanisms().get(type)
     if info is None:
@@ -198,6 +223,9 @@ def C_GetMechanismInfo(g, slotID, type, pInfo):
 
 
 def C_InitToken(g, slotID, pPin, ulPinLen, pLabel):
+    rv = on_member_slot(g, slotID, "C_InitToken", pPin, ulPinLen, pLabel)
+    if rv is not None:
+        return rv
     g.check_slot(slotID)
     raise P11Error(CKR.FUNCTION_NOT_SUPPORTED, "the HA slot's tokens are initialised on "
                    "each member with its own tools, then joined with 'hashim group add-member'")
@@ -238,6 +266,12 @@ def C_CloseAllSessions(g, slotID):
 def C_GetSessionInfo(g, hSession, pInfo):
     need(pInfo, "pInfo")
     vs = g.session(hSession)
+    if vs.direct is not None:
+        m = g.lead(vs)
+        rv = m.call("C_GetSessionInfo", vs.members[m.name],
+                    mffi.cast("CK_SESSION_INFO *", pInfo))
+        pInfo.slotID = g.slot_id + 1 + g.members.index(m)
+        return rv
     pInfo.slotID = g.slot_id
     pInfo.state = vs.state(g.login)
     pInfo.flags = vs.flags
@@ -321,7 +355,8 @@ def C_DestroyObject(g, hSession, hObject):
     rv = g.on_holders(vs, hObject, "C_DestroyObject", lambda m: ())
     if rv == OK:
         g.objects.forget(hObject)
-        g.replicator.destroyed(vs, info)
+        if vs.direct is None:
+            g.replicator.destroyed(vs, info)
     return rv
 
 
@@ -384,7 +419,7 @@ def C_FindObjectsInit(g, hSession, pTemplate, ulCount):
     batch = mffi.new("CK_OBJECT_HANDLE[]", 256)
     n = mffi.new("CK_ULONG *")
     first = True
-    for m in g.online:
+    for m in g.targets(vs):
         try:
             ms = g.member_session(vs, m)
             rv = m.call("C_FindObjectsInit", ms, t, ulCount)
@@ -550,7 +585,7 @@ def _generate(g, vs, fname, p_mech, templates, out_count):
     """Key generation on the primary, then copies on every other member. Secret and
     private keys are generated so that they can travel under the domain key; the
     application's own wish is recorded and enforced as its intent."""
-    replicate = len(g.members) > 1 and g.primary.domain_key is not None
+    replicate = vs.direct is None and len(g.members) > 1 and g.primary.domain_key is not None
     intents = [None] * len(templates)
     built = []
     for i, (p, n, secret) in enumerate(templates):

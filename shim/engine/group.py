@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 
@@ -32,6 +33,8 @@ log = logging.getLogger("hashim")
 
 OK = CKR_OK
 VERSION = (0, 1)
+# "least-busy" (default) or "round-robin" (for comparison in bench/group.py)
+ROUND_ROBIN = os.environ.get("HASHIM_SCHEDULER", "least-busy") == "round-robin"
 
 
 class Group:
@@ -140,6 +143,33 @@ class Group:
                 return m
         raise P11Error(CKR.DEVICE_ERROR, "no member of the group is online")
 
+    def lead(self, vs) -> Member:
+        """Where a session's key management goes: the primary, or the member whose
+        own slot the session is on."""
+        if vs.direct is None:
+            return self.primary
+        if vs.direct.state != ONLINE:
+            raise P11Error(CKR.DEVICE_ERROR, f"member '{vs.direct.name}' is not online")
+        return vs.direct
+
+    def others(self, vs, p):
+        """Members that receive a copy of what ``p`` did for session ``vs``."""
+        if vs.direct is not None:
+            return []
+        return [m for m in self.online if m is not p]
+
+    def targets(self, vs):
+        return [self.lead(vs)] if vs.direct is not None else self.online
+
+    def member_slot(self, slot):
+        """The member whose own slot ``slot`` is (ha_only = false), else None."""
+        if self.settings.ha_only:
+            return None
+        for i, m in enumerate(self.members):
+            if slot == self.slot_id + 1 + i:
+                return m
+        return None
+
     def holds(self, m, vh) -> bool:
         """Does member ``m`` hold object ``vh``? Resolved by a search on first use."""
         holders = self.objects.to_member.get(vh)
@@ -190,6 +220,8 @@ class Group:
         """The member for a new operation: the member of an operation already active
         in the session, else the least busy online member holding every object
         (ties rotate)."""
+        if vs.direct is not None:
+            return self.lead(vs)
         for op in vs.ops.values():
             if op.member.state == ONLINE and op.member not in exclude:
                 return op.member
@@ -202,6 +234,8 @@ class Group:
         if n == 1:
             return cands[0]
         start = next(self._rotation) % n
+        if ROUND_ROBIN:
+            return cands[start]
         best = None
         for i in range(n):
             m = cands[(start + i) % n]
@@ -243,7 +277,7 @@ class Group:
     def on_primary(self, vs, fname, args):
         """A call on the primary; if the primary fails, on the next one."""
         while True:
-            p = self.primary
+            p = self.lead(vs)
             try:
                 return p, p.call(fname, self.member_session(vs, p), *args(p))
             except MemberDown:
@@ -258,9 +292,11 @@ class Group:
         return any(m.state == ONLINE for m in self.members)
 
     def slot_list(self, token_present: bool):
-        if token_present and not self.token_present():
-            return []
-        return [self.slot_id]
+        slots = [] if token_present and not self.token_present() else [self.slot_id]
+        if not self.settings.ha_only:
+            slots += [self.slot_id + 1 + i for i, m in enumerate(self.members)
+                      if m.state == ONLINE or not token_present]
+        return slots
 
     def fill_token_info(self, info):
         """The primary's token info under the group's identity; session counts are
@@ -278,7 +314,7 @@ class Group:
         ffi.memmove(info.manufacturerID, pad("hashim", 32), 32)
         ffi.memmove(info.model, pad("HA group", 16), 16)
         ffi.memmove(info.serialNumber, pad(self.serial, 16), 16)
-        sessions = self.sessions.all()
+        sessions = [s for s in self.sessions.all() if s.direct is None]
         info.ulSessionCount = len(sessions)
         info.ulRwSessionCount = sum(1 for s in sessions if s.rw)
 
@@ -329,9 +365,18 @@ class Group:
         return vs
 
     def open_session(self, slot, flags) -> int:
-        self.check_slot(slot)
+        direct = self.member_slot(slot)
+        if direct is None:
+            self.check_slot(slot)
         if not flags & CKF_SERIAL_SESSION:
             raise P11Error(CKR.SESSION_PARALLEL_NOT_SUPPORTED)
+        if direct is not None:
+            if direct.state != ONLINE:
+                raise P11Error(CKR.TOKEN_NOT_PRESENT, f"member '{direct.name}' is not online")
+            mh = direct.open_session(flags)
+            vs = self.sessions.new(flags, direct)
+            vs.members[direct.name] = mh
+            return vs.handle
         if not self.token_present():
             raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
         if self.login == CKU_SO and not flags & CKF_RW_SESSION:
@@ -353,16 +398,20 @@ class Group:
             if vs is None:
                 raise P11Error(CKR.SESSION_HANDLE_INVALID)
             self._close_member_sessions(vs)
-            if not self.sessions.by_handle:
+            if vs.direct is None and not any(s.direct is None for s in self.sessions.all()):
                 self._logged_out()
 
     def close_all_sessions(self, slot):
-        self.check_slot(slot)
+        direct = self.member_slot(slot)
+        if direct is None:
+            self.check_slot(slot)
         with self.lock:
             for vs in self.sessions.all():
-                self.sessions.remove(vs.handle)
-                self._close_member_sessions(vs)
-            self._logged_out()
+                if vs.direct is direct:
+                    self.sessions.remove(vs.handle)
+                    self._close_member_sessions(vs)
+            if direct is None:
+                self._logged_out()
 
     def _close_member_sessions(self, vs):
         for m in self.members:
@@ -376,6 +425,9 @@ class Group:
 
     # ---- login --------------------------------------------------------------
     def do_login(self, vs, user, pin, pin_ptr, pin_len) -> int:
+        if vs.direct is not None:
+            m = self.lead(vs)
+            return m.call("C_Login", self.member_session(vs, m), user, pin_ptr, pin_len)
         if user == CKU_CONTEXT_SPECIFIC:
             op = next(iter(vs.ops.values()), None)
             m = op.member if op else self.primary
@@ -407,6 +459,9 @@ class Group:
         return OK
 
     def do_logout(self, vs) -> int:
+        if vs.direct is not None:
+            m = self.lead(vs)
+            return m.call("C_Logout", self.member_session(vs, m))
         while True:
             p = self.primary
             try:
@@ -443,7 +498,7 @@ class Group:
         """On the primary, then (if it succeeded) on every other online member."""
         p, rv = self.on_primary(vs, fname, args)
         if rv == OK:
-            for m in self.online:
+            for m in self.others(vs, p):
                 if m is not p:
                     try:
                         r = m.call(fname, self.member_session(vs, m), *args(m))
@@ -493,9 +548,7 @@ class Group:
         if rv != OK:
             return rv, None
         vhs = [self.adopt(vs, p, out[i]) for i in range(count)]
-        for m in self.online:
-            if m is p:
-                continue
+        for m in self.others(vs, p):
             o = ffi.new("CK_OBJECT_HANDLE[2]")
             try:
                 r = m.call(fname, self.member_session(vs, m), *args(m, o))
@@ -514,8 +567,8 @@ class Group:
         on every other online member holding it."""
         p, rv = self.on_primary(vs, fname, lambda m: (self.handle(vh, m),) + args(m))
         if rv == OK:
-            for m in self.online:
-                if m is p or not self.holds(m, vh):
+            for m in self.others(vs, p):
+                if not self.holds(m, vh):
                     continue
                 try:
                     r = m.call(fname, self.member_session(vs, m), self.handle(vh, m), *args(m))

@@ -8,11 +8,12 @@ from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
 
 
 class VSession:
-    __slots__ = ("handle", "flags", "members", "ops", "find", "lock")
+    __slots__ = ("handle", "flags", "members", "ops", "find", "lock", "direct")
 
-    def __init__(self, handle: int, flags: int):
+    def __init__(self, handle: int, flags: int, direct=None):
         self.handle = handle
         self.flags = flags
+        self.direct = direct                # a member's own slot (ha_only = false)
         self.members: dict[str, int] = {}   # member name -> member session handle
         self.ops: dict[str, Op] = {}        # active operation kind -> Op
         self.find = None                    # results of this session's search
@@ -48,8 +49,8 @@ class SessionTable:
         self._next = itertools.count(1)
         self.by_handle: dict[int, VSession] = {}
 
-    def new(self, flags: int) -> VSession:
-        vs = VSession(next(self._next), flags)
+    def new(self, flags: int, direct=None) -> VSession:
+        vs = VSession(next(self._next), flags, direct)
         self.by_handle[vs.handle] = vs
         return vs
 
