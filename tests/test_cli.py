@@ -180,7 +180,7 @@ def test_add_member_token_serial_and_relative_module(capsys, conf, tmp_path, mon
     lib.write_bytes(b"\x7fELF")
     monkeypatch.chdir(tmp_path)
     rc, out, err = run(capsys, "--config", conf, "group", "add-member", "hsm-c",
-                       "--module", "libx.so", "--token-serial", "77")
+                       "--module", "libx.so", "--token-serial", "77", "--no-check")
     assert rc == 0, err
     m = cfg.load(conf).member("hsm-c")
     assert m.module == str(lib) and m.token_serial == "77" and m.token_label is None
@@ -189,7 +189,7 @@ def test_add_member_token_serial_and_relative_module(capsys, conf, tmp_path, mon
 def test_add_member_creates_the_file(capsys, tmp_path):
     p = tmp_path / "etc2" / "new.toml"
     rc, out, err = run(capsys, "--config", str(p), "group", "add-member", "a",
-                       "--module", MODULE, "--token-label", "a")
+                       "--module", MODULE, "--token-label", "a", "--no-check")
     assert rc == 0, err
     c = cfg.load(str(p))
     assert c.member_names == ("a",) and c.group.label == "hashim"
@@ -234,9 +234,11 @@ def test_add_member_check_hook_failure(capsys, conf, monkeypatch):
     assert Path(conf).read_text() == CONF
 
 
-def test_check_new_member_stub():
-    m = cfg.MemberConfig("a", MODULE, "a", None)
-    assert cli.check_new_member(m) == []
+def test_check_new_member_reports_an_unusable_module(tmp_path):
+    lib = tmp_path / "libnot-pkcs11.so"
+    lib.write_bytes(b"\x7fELF")
+    problems = cli.check_new_member(cfg.MemberConfig("a", str(lib), "a", None))
+    assert problems and any("libnot-pkcs11.so" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("extra,expect", [
@@ -527,9 +529,22 @@ def test_real_softhsm_config(capsys, tmp_path):
         pytest.skip("SoftHSM2 not installed")
     toks = [softhsm.make_token(tmp_path, "ha-a"), softhsm.make_token(tmp_path, "ha-b")]
     p = softhsm.write_config(tmp_path / "hashim.toml", toks[:1])
-    rc, out, err = run(capsys, "--config", str(p), "group", "add-member", "ha-b",
-                       "--module", toks[1].lib, "--token-label", "ha-b",
-                       "--env", f"SOFTHSM2_CONF={toks[1].conf}")
+    env = dict(os.environ, HASHIM_SO_PIN=softhsm.SO_PIN, HASHIM_PIN=softhsm.PIN)
+    for cmd in (["domain", "init"],
+                ["domain", "add-member", "ha-b", "--module", toks[1].lib, "--token-label",
+                 "ha-b", "--env", f"SOFTHSM2_CONF={toks[1].conf}"]):
+        r = subprocess.run([sys.executable, "-m", "shim.cli", "--config", str(p), *cmd],
+                           env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    os.environ["HASHIM_PIN"] = softhsm.PIN       # check_new_member logs in with it
+    try:
+        rc, out, err = run(capsys, "--config", str(p), "group", "add-member", "ha-b",
+                           "--module", toks[1].lib, "--token-label", "ha-b",
+                           "--env", f"SOFTHSM2_CONF={toks[1].conf}")
+    finally:
+        del os.environ["HASHIM_PIN"]
     assert rc == 0, err
     rc, out, err = run(capsys, "config", "check", str(p))
     assert out == f"ok: {p}: group 'hashim-test', 2 members (ha-a, ha-b)\n"
+
