@@ -23,6 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from shim.spec.cdef import cdef, TYPES, function_lists  # noqa: E402
 from shim.spec.functions import FUNCTIONS_V2, FUNCTIONS_V3, IN_C  # noqa: E402
+from shim.spec.fastpath import FAST, KINDS, ENDED, MULTIPART  # noqa: E402
+from shim.spec.failures import DEVICE_LEVEL  # noqa: E402
 
 HANDLED_IN_PYTHON = [f for f in FUNCTIONS_V3 if f.name not in IN_C]
 MAGIC = 0x6A5F1
@@ -51,14 +53,17 @@ def baked_paths() -> dict[str, str]:
 
 def c_source() -> str:
     SUPERVISE_C = open(os.path.join(HERE, "supervise.c")).read()
+    FASTPATH_C = (f"#define HASHIM_KINDS {len(KINDS)}\n"
+                  "static inline int hashim_device_level(CK_RV rv)\n{\n    return "
+                  + " || ".join(f"rv == {int(c):#x}" for c in sorted(DEVICE_LEVEL))
+                  + ";\n}\n" + open(os.path.join(HERE, "fastpath.c")).read())
     paths = baked_paths()
     defines = "".join(f"#define {k} {c_string(v)}\n" for k, v in paths.items())
-    wrappers = []
-    for f in HANDLED_IN_PYTHON:
-        wrappers.append(
-            f"CK_RV {f.name}({f.c_params})\n{{\n"
-            f"    if (!hashim_ready()) return hashim_down_rv;\n"
-            f"    return py_{f.name}({f.arg_names});\n}}\n")
+    wrappers = [fast_wrapper(f) if f.name in FAST else
+                f"CK_RV {f.name}({f.c_params})\n{{\n"
+                f"    if (!hashim_ready()) return hashim_down_rv;\n"
+                f"    return py_{f.name}({f.arg_names});\n}}\n"
+                for f in HANDLED_IN_PYTHON]
     v2 = ",\n".join(f"    .{f.name} = {f.name}" for f in FUNCTIONS_V2)
     v3 = ",\n".join(f"    .{f.name} = {f.name}" for f in FUNCTIONS_V3)
     return f"""
@@ -168,6 +173,7 @@ static const char *hashim_py_sites(void) {{ return HASHIM_PY_SITES; }}
 
 
 {SUPERVISE_C}
+{FASTPATH_C}
 /* ---- the function lists and interfaces --------------------------------- */
 {"".join(f"HASHIM_EXPORT CK_RV {f.name}({f.c_params});" + chr(10) for f in FUNCTIONS_V3)}
 static CK_FUNCTION_LIST hashim_functions = {{
@@ -228,6 +234,50 @@ CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pVersion,
 """
 
 
+def fast_wrapper(f) -> str:
+    """A wrapper that calls the member directly when the engine published a route
+    (see shim/spec/fastpath.py); anything else goes to Python."""
+    kind, shape = FAST[f.name]
+    names = [n for _, n in f.args]
+    k = KINDS.index(kind)
+    member_args = ", ".join(["r.mh"] + names[1:])
+    if shape in ("single", "update_out"):
+        checks = f"{names[4]} && ({names[1]} || !{names[2]})"
+    elif shape in ("update", "random"):
+        checks = f"({names[1]} || !{names[2]})"
+    elif shape == "final":
+        checks = f"{names[2]}"
+    elif shape == "verify":
+        checks = f"({names[1]} || !{names[2]}) && ({names[3]} || !{names[4]})"
+    else:                                       # verify_final
+        checks = f"({names[1]} || !{names[2]})"
+    if shape in ("single", "final"):
+        out = names[3] if shape == "single" else names[1]
+        after = (f"if (!(rv == 0x150 || (rv == 0 && !{out})))\n"
+                 f"                hashim_route_mark({names[0]}, {k}, {ENDED});")
+    elif shape in ("update", "update_out"):
+        after = (f"if (rv == 0 || rv == 0x150) {{ if (r.state != {MULTIPART}) "
+                 f"hashim_route_mark({names[0]}, {k}, {MULTIPART}); }}\n"
+                 f"            else hashim_route_mark({names[0]}, {k}, {ENDED});")
+    elif shape in ("verify", "verify_final"):
+        after = f"hashim_route_mark({names[0]}, {k}, {ENDED});"
+    else:
+        after = ""
+    return (f"CK_RV {f.name}({f.c_params})\n{{\n"
+            f"    struct hashim_route r;\n"
+            f"    if (!hashim_ready()) return hashim_down_rv;\n"
+            f"    if ({checks} && hashim_route_get({names[0]}, {k}, &r)) {{\n"
+            f"        hashim_fast_begin(&r);\n"
+            f"        CK_RV rv = r.fl->{f.name}({member_args});\n"
+            f"        hashim_fast_end(&r);\n"
+            f"        if (!hashim_device_level(rv)) {{\n"
+            f"            {after}\n"
+            f"            return rv;\n"
+            f"        }}\n"
+            f"    }}\n"
+            f"    return py_{f.name}({f.arg_names});\n}}\n")
+
+
 def python_cdef() -> str:
     lines = [cdef()]
     lines.append('extern "Python" int py_hashim_hello(void);')
@@ -239,6 +289,17 @@ def python_cdef() -> str:
     lines.append("int hashim_wait(void *job, double seconds, CK_RV *rv);")
     lines.append("void hashim_abandon(void *job);")
     lines.append("int hashim_pool_size(void);")
+    lines.append("int hashim_route_claim(CK_SESSION_HANDLE vh);")
+    lines.append("void hashim_route_release(CK_SESSION_HANDLE vh);")
+    lines.append("void hashim_route_set(CK_SESSION_HANDLE vh, int kind, void *fl, "
+                 "CK_SESSION_HANDLE mh, int member);")
+    lines.append("int hashim_route_state(CK_SESSION_HANDLE vh, int kind);")
+    lines.append("void hashim_route_end(CK_SESSION_HANDLE vh, int kind);")
+    lines.append("void hashim_member_set_up(int member, int up);")
+    lines.append("void hashim_member_stats(int member, long *inflight, unsigned long *served, "
+                 "long long *idle_ns);")
+    lines.append("void hashim_routes_reset(void);")
+    lines.append("long hashim_member_inflight(int member);")
     return "\n".join(lines)
 
 

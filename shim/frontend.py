@@ -132,6 +132,8 @@ def C_Finalize(g, pReserved):
             return CKR.CRYPTOKI_NOT_INITIALIZED
         ENGINE = None
     g.stop()
+    from . import native
+    native.reset()
     log.info("finalised (pid %d)", os.getpid())
     return OK
 
@@ -476,6 +478,7 @@ def op_init(kind, fname, with_key=True):
     def handler(g, hSession, pMechanism, hKey=None):
         need(pMechanism, "pMechanism")
         vs = g.session(hSession)
+        vs.sync()
         if kind in vs.ops:
             raise P11Error(CKR.OPERATION_ACTIVE)
         recorded = Mechanism(pMechanism)
@@ -485,6 +488,7 @@ def op_init(kind, fname, with_key=True):
 
 
 def _op(vs, kind):
+    vs.sync()
     op = vs.ops.get(kind)
     if op is None:
         raise P11Error(NOT_INITIALIZED_OP)
@@ -503,12 +507,12 @@ def _run_op(g, vs, kind, fname, args, ends):
             break
         except MemberDown as e:
             if op.multipart:
-                vs.ops.pop(kind, None)
+                vs.end(kind)
                 raise P11Error(CKR.DEVICE_ERROR, f"{e.reason}: the multi-part operation "
                                "ended with its member; start it again")
             op = g.replay_op(vs, kind, op)
     if ends(rv):
-        vs.ops.pop(kind, None)
+        vs.end(kind)
     return rv
 
 
@@ -543,6 +547,7 @@ def op_update(kinds, fname, with_output):
         if with_output:
             need(out[1], "output length pointer")
         vs = g.session(hSession)
+        vs.sync()
         if len(kinds) > 1 and not any(k in vs.ops for k in kinds):
             # no operation to combine: the member answers (often "not supported")
             return g.on_primary(vs, fname, lambda m: (pIn, ulInLen) + out)[1]
@@ -555,7 +560,7 @@ def op_update(kinds, fname, with_output):
                 if k in vs.ops:
                     vs.ops[k].multipart = True
             else:
-                vs.ops.pop(k, None)
+                vs.end(k)
         return rv
     return handler
 

@@ -46,6 +46,8 @@ class Group:
         self.serial = config.group.serial
         self.members = [Member(m, self.cache_dir, self._member_failed)
                         for m in config.members]
+        for i, m in enumerate(self.members):
+            m.index = i
         self.sessions = SessionTable()
         self.objects = HandleMap()
         self.info = {}                  # vh -> ObjectInfo
@@ -222,6 +224,7 @@ class Group:
         (ties rotate)."""
         if vs.direct is not None:
             return self.lead(vs)
+        vs.sync()
         for op in vs.ops.values():
             if op.member.state == ONLINE and op.member not in exclude:
                 return op.member
@@ -239,7 +242,7 @@ class Group:
         best = None
         for i in range(n):
             m = cands[(start + i) % n]
-            if best is None or len(m.calls) < len(best.calls):
+            if best is None or m.in_flight < best.in_flight:
                 best = m
         return best
 
@@ -376,6 +379,7 @@ class Group:
             mh = direct.open_session(flags)
             vs = self.sessions.new(flags, direct)
             vs.members[direct.name] = mh
+            vs.route_random(direct, mh)
             return vs.handle
         if not self.token_present():
             raise P11Error(CKR.TOKEN_NOT_PRESENT, "no member of the group is online")
@@ -390,6 +394,7 @@ class Group:
                 continue
         vs = self.sessions.new(flags)
         vs.members[p.name] = mh
+        vs.route_random(p, mh)
         return vs.handle
 
     def close_session(self, h):
@@ -429,6 +434,7 @@ class Group:
             m = self.lead(vs)
             return m.call("C_Login", self.member_session(vs, m), user, pin_ptr, pin_len)
         if user == CKU_CONTEXT_SPECIFIC:
+            vs.sync()
             op = next(iter(vs.ops.values()), None)
             m = op.member if op else self.primary
             return m.call("C_Login", self.member_session(vs, m), user, pin_ptr, pin_len)
@@ -597,20 +603,21 @@ class Group:
                 p_mech = None
                 continue
             if rv == OK:
-                vs.ops[kind] = Op(m, init, mech, key)
+                vs.begin(kind, Op(m, init, mech, key))
             return rv
 
     def replay_op(self, vs, kind, op):
         """Move a single-part operation whose member failed to another member."""
         failed = op.member
         failed.failed_over += 1
+        vs.end(kind)
         try:
             rv = self.start_op(vs, kind, op.init, op.mech, op.key)
         except P11Error:
-            vs.ops.pop(kind, None)
+            vs.end(kind)
             raise
         if rv != OK:
-            vs.ops.pop(kind, None)
+            vs.end(kind)
             raise P11Error(rv, f"replaying {op.init} on another member after "
                            f"'{failed.name}' failed")
         log.info("operation moved from failed member '%s' to '%s'", failed.name,

@@ -4,20 +4,47 @@ from __future__ import annotations
 import itertools
 import threading
 
+from .. import native
 from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
+from ..spec.fastpath import ENDED, MULTIPART
 
 
 class VSession:
-    __slots__ = ("handle", "flags", "members", "ops", "find", "lock", "direct")
+    __slots__ = ("handle", "flags", "members", "ops", "find", "lock", "direct", "fast")
 
     def __init__(self, handle: int, flags: int, direct=None):
         self.handle = handle
         self.flags = flags
         self.direct = direct                # a member's own slot (ha_only = false)
+        self.fast = native.claim(handle)    # routes of the C fast path available
         self.members: dict[str, int] = {}   # member name -> member session handle
         self.ops: dict[str, Op] = {}        # active operation kind -> Op
         self.find = None                    # results of this session's search
         self.lock = threading.Lock()
+
+    # ---- operations: the engine's record, mirrored to the C fast path -----------
+    def begin(self, kind, op):
+        self.ops[kind] = op
+        if self.fast:
+            native.route(self.handle, kind, op.member, self.members.get(op.member.name, 0))
+
+    def end(self, kind):
+        if self.ops.pop(kind, None) is not None and self.fast:
+            native.end(self.handle, kind)
+
+    def sync(self):
+        """Take in what the fast path did: operations it ended or made multi-part."""
+        if self.fast and self.ops:
+            for kind, op in list(self.ops.items()):
+                st = native.state(self.handle, kind)
+                if st == ENDED:
+                    self.end(kind)
+                elif st == MULTIPART:
+                    op.multipart = True
+
+    def route_random(self, member, mh):
+        if self.fast:
+            native.route(self.handle, "random", member, mh)
 
     @property
     def rw(self) -> bool:
@@ -58,7 +85,10 @@ class SessionTable:
         return self.by_handle.get(h)
 
     def remove(self, h: int):
-        return self.by_handle.pop(h, None)
+        vs = self.by_handle.pop(h, None)
+        if vs is not None and vs.fast:
+            native.release(h)
+        return vs
 
     def all(self):
         return list(self.by_handle.values())

@@ -1,0 +1,161 @@
+/* Included into the stub by native/build_stub.py (after the PKCS#11 types).
+
+   The C fast path: once the engine (Python) has started an operation on a member, it
+   publishes a route (member function list + member session) for that virtual session
+   and operation kind; the generated wrappers of shim/spec/fastpath.py's functions then
+   call the member directly, without the GIL. The engine reads back what happened
+   (operation ended, became multi-part; calls in flight and served per member). */
+#define HASHIM_ROUTES 4096                 /* power of two */
+#define HASHIM_MEMBERS 64
+#define HASHIM_R_NONE 0
+#define HASHIM_R_ACTIVE 1
+#define HASHIM_R_MULTIPART 2
+#define HASHIM_R_ENDED 3
+
+struct hashim_route {
+    CK_FUNCTION_LIST *fl;
+    CK_SESSION_HANDLE mh;
+    int member;
+    int state;
+};
+struct hashim_entry {
+    CK_SESSION_HANDLE vh;                  /* 0: free */
+    struct hashim_route r[HASHIM_KINDS];
+};
+static struct hashim_entry hashim_routes[HASHIM_ROUTES];
+static int hashim_member_up[HASHIM_MEMBERS];
+static long hashim_inflight[HASHIM_MEMBERS];
+static unsigned long hashim_served[HASHIM_MEMBERS];
+static long long hashim_last_done[HASHIM_MEMBERS];
+
+static long long hashim_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline struct hashim_entry *hashim_entry_of(CK_SESSION_HANDLE vh)
+{
+    return &hashim_routes[vh & (HASHIM_ROUTES - 1)];
+}
+
+static inline int hashim_route_get(CK_SESSION_HANDLE vh, int kind, struct hashim_route *out)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh || vh == 0)
+        return 0;
+    int st = __atomic_load_n(&e->r[kind].state, __ATOMIC_ACQUIRE);
+    if (st != HASHIM_R_ACTIVE && st != HASHIM_R_MULTIPART)
+        return 0;
+    out->fl = e->r[kind].fl;
+    out->mh = e->r[kind].mh;
+    out->member = e->r[kind].member;
+    out->state = st;
+    return __atomic_load_n(&hashim_member_up[out->member], __ATOMIC_ACQUIRE);
+}
+
+static inline void hashim_route_mark(CK_SESSION_HANDLE vh, int kind, int state)
+{
+    __atomic_store_n(&hashim_entry_of(vh)->r[kind].state, state, __ATOMIC_RELEASE);
+}
+
+static inline void hashim_fast_begin(struct hashim_route *r)
+{
+    __atomic_add_fetch(&hashim_inflight[r->member], 1, __ATOMIC_RELAXED);
+}
+
+static inline void hashim_fast_end(struct hashim_route *r)
+{
+    __atomic_sub_fetch(&hashim_inflight[r->member], 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&hashim_served[r->member], 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&hashim_last_done[r->member], hashim_now_ns(), __ATOMIC_RELAXED);
+}
+
+/* ---- for the engine --------------------------------------------------------- */
+static int hashim_route_claim(CK_SESSION_HANDLE vh)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    CK_SESSION_HANDLE free_ = 0;
+    if (vh == 0) return 0;
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) == vh) return 1;
+    memset(e->r, 0, sizeof(e->r));
+    return __atomic_compare_exchange_n(&e->vh, &free_, vh, 0, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_ACQUIRE);
+}
+
+static void hashim_route_release(CK_SESSION_HANDLE vh)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) == vh) {
+        int k;
+        for (k = 0; k < HASHIM_KINDS; k++)
+            __atomic_store_n(&e->r[k].state, HASHIM_R_NONE, __ATOMIC_RELEASE);
+        __atomic_store_n(&e->vh, 0, __ATOMIC_RELEASE);
+    }
+}
+
+static void hashim_route_set(CK_SESSION_HANDLE vh, int kind, void *fl, CK_SESSION_HANDLE mh,
+                             int member)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh || member < 0
+            || member >= HASHIM_MEMBERS)
+        return;
+    __atomic_store_n(&e->r[kind].state, HASHIM_R_NONE, __ATOMIC_RELEASE);
+    e->r[kind].fl = (CK_FUNCTION_LIST *)fl;
+    e->r[kind].mh = mh;
+    e->r[kind].member = member;
+    __atomic_store_n(&e->r[kind].state, HASHIM_R_ACTIVE, __ATOMIC_RELEASE);
+}
+
+static int hashim_route_state(CK_SESSION_HANDLE vh, int kind)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh) return -1;
+    return __atomic_load_n(&e->r[kind].state, __ATOMIC_ACQUIRE);
+}
+
+static void hashim_route_end(CK_SESSION_HANDLE vh, int kind)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) == vh)
+        __atomic_store_n(&e->r[kind].state, HASHIM_R_NONE, __ATOMIC_RELEASE);
+}
+
+static void hashim_member_set_up(int member, int up)
+{
+    if (member >= 0 && member < HASHIM_MEMBERS)
+        __atomic_store_n(&hashim_member_up[member], up, __ATOMIC_RELEASE);
+}
+
+/* calls in flight, served, and nanoseconds since the last completion */
+static void hashim_member_stats(int member, long *inflight, unsigned long *served,
+                                long long *idle_ns)
+{
+    if (member < 0 || member >= HASHIM_MEMBERS) return;
+    *inflight = __atomic_load_n(&hashim_inflight[member], __ATOMIC_RELAXED);
+    *served = __atomic_load_n(&hashim_served[member], __ATOMIC_RELAXED);
+    long long last = __atomic_load_n(&hashim_last_done[member], __ATOMIC_RELAXED);
+    *idle_ns = last ? hashim_now_ns() - last : -1;
+}
+
+static long hashim_member_inflight(int member)
+{
+    if (member < 0 || member >= HASHIM_MEMBERS) return 0;
+    return __atomic_load_n(&hashim_inflight[member], __ATOMIC_RELAXED);
+}
+
+static void hashim_routes_reset(void)
+{
+    memset(hashim_routes, 0, sizeof(hashim_routes));
+    memset(hashim_member_up, 0, sizeof(hashim_member_up));
+    memset(hashim_inflight, 0, sizeof(hashim_inflight));
+    memset(hashim_served, 0, sizeof(hashim_served));
+    memset(hashim_last_done, 0, sizeof(hashim_last_done));
+}
+
+__attribute__((constructor)) static void hashim_routes_init(void)
+{
+    pthread_atfork(NULL, NULL, hashim_routes_reset);
+}
