@@ -25,8 +25,14 @@ def release(vh: int):
 
 def route(vh: int, kind: str, member, mh: int):
     """Calls of ``kind`` on virtual session ``vh`` may now go straight to ``member``."""
-    if lib is not None and member.index is not None and member.fl_void is not None:
-        lib.hashim_route_set(vh, KIND[kind], member.fl_void, mh, member.index)
+    if lib is None or getattr(member, "index", None) is None or member.module is None:
+        return
+    fl = member.__dict__.get("fl_void")
+    if fl is None or member.__dict__.get("fl_of") is not member.module:
+        from .members.module import ffi as mffi
+        fl = member.fl_void = ffi.cast("void *", int(mffi.cast("uintptr_t", member.module.fl)))
+        member.fl_of = member.module
+    lib.hashim_route_set(vh, KIND[kind], fl, mh, member.index)
 
 
 def state(vh: int, kind: str) -> int:

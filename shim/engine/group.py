@@ -18,6 +18,7 @@ import os
 import threading
 import time
 
+from .. import native
 from ..errors import P11Error
 from ..members import objects as mo
 from ..members.member import (DEVICE_ERROR, GIVEN_UP, ONLINE, RECOVERING,
@@ -108,6 +109,7 @@ class Group:
         if self.login is not None:
             self.replicator.sync_member(m)
         m.set_state(ONLINE)
+        native.member_up(m.index, True)
         if not was_present and self.supervisor is not None:
             self.post_event()
 
@@ -119,11 +121,13 @@ class Group:
             self.events.notify_all()
         self._wipe_pin()
         for m in self.members:
+            native.member_up(m.index, False)
             if m.state != DEVICE_ERROR:        # a wedged module is not waited for
                 m.stop()
 
     def _member_failed(self, m):
         """Called once when a member fails: forget its sessions and handles."""
+        native.member_up(m.index, False)
         self.objects.forget_member(m.name)
         self.absent = {k for k in self.absent if k[1] != m.name}
         for vs in self.sessions.all():
@@ -242,9 +246,14 @@ class Group:
         best = None
         for i in range(n):
             m = cands[(start + i) % n]
-            if best is None or m.in_flight < best.in_flight:
+            if best is None or self.busy(m) < self.busy(best):
                 best = m
         return best
+
+    @staticmethod
+    def busy(m) -> int:
+        """Commands in flight on ``m``: through the engine and through the fast path."""
+        return len(m.calls) + native.inflight(m.index)
 
     def member_session(self, vs, m) -> int:
         h = vs.members.get(m.name)
