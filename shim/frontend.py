@@ -15,6 +15,7 @@ import sys
 import threading
 
 from .errors import P11Error, rv_name
+from .members.member import MemberDown
 from .members.module import ffi as mffi
 from .spec import constants as K
 from .spec.constants import CKR, CKR_OK
