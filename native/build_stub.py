@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from shim.spec.cdef import cdef, TYPES, function_lists  # noqa: E402
 from shim.spec.functions import FUNCTIONS_V2, FUNCTIONS_V3, IN_C  # noqa: E402
-from shim.spec.fastpath import FAST, KINDS, ENDED, MULTIPART  # noqa: E402
+from shim.spec.fastpath import (FAST, INIT_FAST, INIT_PARAM_MAX, KINDS, ACTIVE,  # noqa: E402
+                                ENDED, MULTIPART)
 from shim.spec.failures import DEVICE_LEVEL  # noqa: E402
 
 HANDLED_IN_PYTHON = [f for f in FUNCTIONS_V3 if f.name not in IN_C]
@@ -54,12 +55,14 @@ def baked_paths() -> dict[str, str]:
 def c_source() -> str:
     SUPERVISE_C = open(os.path.join(HERE, "supervise.c")).read()
     FASTPATH_C = (f"#define HASHIM_KINDS {len(KINDS)}\n"
+                  f"#define HASHIM_INIT_PARAM_MAX {INIT_PARAM_MAX}\n"
                   "static inline int hashim_device_level(CK_RV rv)\n{\n    return "
                   + " || ".join(f"rv == {int(c):#x}" for c in sorted(DEVICE_LEVEL))
                   + ";\n}\n" + open(os.path.join(HERE, "fastpath.c")).read())
     paths = baked_paths()
     defines = "".join(f"#define {k} {c_string(v)}\n" for k, v in paths.items())
     wrappers = [fast_wrapper(f) if f.name in FAST else
+                init_wrapper(f) if f.name in INIT_FAST else
                 f"CK_RV {f.name}({f.c_params})\n{{\n"
                 f"    if (!hashim_ready()) return hashim_down_rv;\n"
                 f"    return py_{f.name}({f.arg_names});\n}}\n"
@@ -278,6 +281,30 @@ def fast_wrapper(f) -> str:
             f"    return py_{f.name}({f.arg_names});\n}}\n")
 
 
+def init_wrapper(f) -> str:
+    """*Init: started again by the stub when it repeats the operation that just ended
+    in the fast path (see INIT_FAST); anything else goes to Python."""
+    k = KINDS.index(INIT_FAST[f.name])
+    names = [n for _, n in f.args]
+    key = names[2] if len(names) > 2 else "0"
+    member_args = ", ".join(["r.mh", names[1]] + (["r.mkey"] if len(names) > 2 else []))
+    return (f"CK_RV {f.name}({f.c_params})\n{{\n"
+            f"    struct hashim_route r;\n"
+            f"    if (!hashim_ready()) return hashim_down_rv;\n"
+            f"    if (hashim_reinit_get({names[0]}, {k}, {names[1]}, {key}, &r)) {{\n"
+            f"        hashim_fast_begin(&r);\n"
+            f"        CK_RV rv = r.fl->{f.name}({member_args});\n"
+            f"        hashim_fast_end(&r);\n"
+            f"        if (rv == 0) {{\n"
+            f"            hashim_route_mark({names[0]}, {k}, {ACTIVE});\n"
+            f"            return rv;\n"
+            f"        }}\n"
+            f"        if (!hashim_device_level(rv))\n"
+            f"            return rv;\n"
+            f"    }}\n"
+            f"    return py_{f.name}({f.arg_names});\n}}\n")
+
+
 def python_cdef() -> str:
     lines = [cdef()]
     lines.append('extern "Python" int py_hashim_hello(void);')
@@ -300,6 +327,9 @@ def python_cdef() -> str:
                  "long long *idle_ns);")
     lines.append("void hashim_routes_reset(void);")
     lines.append("long hashim_member_inflight(int member);")
+    lines.append("void hashim_route_set_init(CK_SESSION_HANDLE vh, int kind, "
+                 "CK_MECHANISM_TYPE mech, const unsigned char *param, CK_ULONG plen, "
+                 "CK_OBJECT_HANDLE vkey, CK_OBJECT_HANDLE mkey);")
     return "\n".join(lines)
 
 

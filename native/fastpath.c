@@ -17,6 +17,12 @@ struct hashim_route {
     CK_SESSION_HANDLE mh;
     int member;
     int state;
+    /* how the operation was started, for starting it again (see INIT_FAST) */
+    int reinit;
+    CK_MECHANISM_TYPE mech;
+    CK_ULONG plen;
+    CK_OBJECT_HANDLE vkey, mkey;
+    unsigned char param[HASHIM_INIT_PARAM_MAX];
 };
 struct hashim_entry {
     CK_SESSION_HANDLE vh;                  /* 0: free */
@@ -52,6 +58,27 @@ static inline int hashim_route_get(CK_SESSION_HANDLE vh, int kind, struct hashim
     out->mh = e->r[kind].mh;
     out->member = e->r[kind].member;
     out->state = st;
+    return __atomic_load_n(&hashim_member_up[out->member], __ATOMIC_ACQUIRE);
+}
+
+/* The application starts again the operation that just ended in the fast path, the
+   same way: the route to use (its state is ENDED), else 0. */
+static inline int hashim_reinit_get(CK_SESSION_HANDLE vh, int kind, CK_MECHANISM *m,
+                                    CK_OBJECT_HANDLE key, struct hashim_route *out)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (!m || __atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh || vh == 0)
+        return 0;
+    struct hashim_route *r = &e->r[kind];
+    if (__atomic_load_n(&r->state, __ATOMIC_ACQUIRE) != HASHIM_R_ENDED || !r->reinit
+            || r->mech != m->mechanism || r->plen != m->ulParameterLen || r->vkey != key)
+        return 0;
+    if (r->plen && (!m->pParameter || memcmp(r->param, m->pParameter, r->plen) != 0))
+        return 0;
+    out->fl = r->fl;
+    out->mh = r->mh;
+    out->member = r->member;
+    out->mkey = r->mkey;
     return __atomic_load_n(&hashim_member_up[out->member], __ATOMIC_ACQUIRE);
 }
 
@@ -106,7 +133,25 @@ static void hashim_route_set(CK_SESSION_HANDLE vh, int kind, void *fl, CK_SESSIO
     e->r[kind].fl = (CK_FUNCTION_LIST *)fl;
     e->r[kind].mh = mh;
     e->r[kind].member = member;
+    e->r[kind].reinit = 0;
     __atomic_store_n(&e->r[kind].state, HASHIM_R_ACTIVE, __ATOMIC_RELEASE);
+}
+
+/* how the active operation was started (call after hashim_route_set) */
+static void hashim_route_set_init(CK_SESSION_HANDLE vh, int kind, CK_MECHANISM_TYPE mech,
+                                  const unsigned char *param, CK_ULONG plen,
+                                  CK_OBJECT_HANDLE vkey, CK_OBJECT_HANDLE mkey)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh || plen > HASHIM_INIT_PARAM_MAX)
+        return;
+    struct hashim_route *r = &e->r[kind];
+    r->mech = mech;
+    r->plen = plen;
+    if (plen) memcpy(r->param, param, plen);
+    r->vkey = vkey;
+    r->mkey = mkey;
+    r->reinit = 1;
 }
 
 static int hashim_route_state(CK_SESSION_HANDLE vh, int kind)

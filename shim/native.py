@@ -35,6 +35,18 @@ def route(vh: int, kind: str, member, mh: int):
     lib.hashim_route_set(vh, KIND[kind], fl, mh, member.index)
 
 
+def route_init(vh: int, kind: str, mech, vkey, mkey):
+    """How the routed operation was started, so the stub may start it again by itself
+    (only mechanisms whose parameter holds no pointers or handles)."""
+    from .spec.fastpath import INIT_PARAM_MAX
+    from .spec.mechanisms import HANDLE_PARAMS
+    raw = mech.raw or b""
+    if lib is None or mech.struct is not None or mech.type in HANDLE_PARAMS \
+            or len(raw) > INIT_PARAM_MAX:
+        return
+    lib.hashim_route_set_init(vh, KIND[kind], mech.type, raw, len(raw), vkey or 0, mkey or 0)
+
+
 def state(vh: int, kind: str) -> int:
     return lib.hashim_route_state(vh, KIND[kind]) if lib is not None else -1
 

@@ -603,7 +603,8 @@ class Group:
             ms = self.member_session(vs, m)
             cm, keep = (p_mech, None) if p_mech is not None else \
                 mech.build(lambda vh: self.handle(vh, m))
-            args = (cm,) if key is None else (cm, self.handle(key, m))
+            mkey = None if key is None else self.handle(key, m)
+            args = (cm,) if key is None else (cm, mkey)
             try:
                 rv = m.call(init, ms, *args)
             except MemberDown:
@@ -612,7 +613,7 @@ class Group:
                 p_mech = None
                 continue
             if rv == OK:
-                vs.begin(kind, Op(m, init, mech, key))
+                vs.begin(kind, Op(m, init, mech, key), mkey)
             return rv
 
     def replay_op(self, vs, kind, op):

@@ -23,10 +23,11 @@ class VSession:
         self.lock = threading.Lock()
 
     # ---- operations: the engine's record, mirrored to the C fast path -----------
-    def begin(self, kind, op):
+    def begin(self, kind, op, member_key=0):
         self.ops[kind] = op
         if self.fast:
             native.route(self.handle, kind, op.member, self.members.get(op.member.name, 0))
+            native.route_init(self.handle, kind, op.mech, op.key, member_key)
 
     def end(self, kind):
         if self.ops.pop(kind, None) is not None and self.fast:
@@ -39,8 +40,8 @@ class VSession:
                 st = native.state(self.handle, kind)
                 if st == ENDED:
                     self.end(kind)
-                elif st == MULTIPART:
-                    op.multipart = True
+                else:
+                    op.multipart = st == MULTIPART
 
     def route_random(self, member, mh):
         if self.fast:

@@ -32,5 +32,16 @@ FAST = {
     "C_GenerateRandom": ("random", "random"), "C_SeedRandom": ("random", "random"),
 }
 
+# *Init calls the C stub repeats by itself: when the previous operation of that kind
+# on that session ended in the fast path and the application starts the same one
+# again (same mechanism, a parameter without pointers and no longer than
+# INIT_PARAM_MAX bytes, same key), it is started again on the same member.
+INIT_FAST = {
+    "C_EncryptInit": "encrypt", "C_DecryptInit": "decrypt", "C_DigestInit": "digest",
+    "C_SignInit": "sign", "C_VerifyInit": "verify", "C_SignRecoverInit": "signrecover",
+    "C_VerifyRecoverInit": "verifyrecover",
+}
+INIT_PARAM_MAX = 64
+
 # route states (shared with C)
 NONE, ACTIVE, MULTIPART, ENDED = 0, 1, 2, 3
