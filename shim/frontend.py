@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 
+from . import native
 from .errors import P11Error, rv_name
 from .members.member import MemberDown
 from .members.module import ffi as mffi
@@ -133,7 +134,6 @@ def C_Finalize(g, pReserved):
             return CKR.CRYPTOKI_NOT_INITIALIZED
         ENGINE = None
     g.stop()
-    from . import native
     native.reset()
     log.info("finalised (pid %d)", os.getpid())
     return OK
@@ -795,7 +795,6 @@ def _after_fork_in_child():
 def install(ffi, lib):
     global sffi, NULL
     sffi, NULL = ffi, ffi.NULL
-    from . import native
     native.attach(ffi, lib)
     for f in FUNCTIONS_V3:
         if f.name in IN_C:

@@ -63,6 +63,7 @@ class Group:
         self.finalized = False
         self.supervisor = None
         self.replicator = None
+        self.watcher = None
         self.started_at = time.time()
 
     @property
@@ -92,6 +93,9 @@ class Group:
                            + "; ".join(problems))
         self.supervisor = Supervisor(self)
         self.supervisor.start()
+        from .reconfigure import ConfigWatcher
+        self.watcher = ConfigWatcher(self)
+        self.watcher.start()
 
     def bring_up(self, m):
         """Start (or restart) a member and put it into rotation: log it in when the
@@ -115,6 +119,8 @@ class Group:
 
     def stop(self):
         self.finalized = True
+        if self.watcher:
+            self.watcher.stop()
         if self.supervisor:
             self.supervisor.stop()
         with self.events:
@@ -249,6 +255,12 @@ class Group:
             if best is None or self.busy(m) < self.busy(best):
                 best = m
         return best
+
+    def next_index(self) -> int:
+        """A fast-path member id never used in this process."""
+        self._last_index = max([m.index for m in self.members if m.index is not None]
+                               + [getattr(self, "_last_index", -1)]) + 1
+        return self._last_index
 
     @staticmethod
     def busy(m) -> int:
