@@ -147,6 +147,7 @@ class Group:
     module: str                     # libhashim.so
     label: str
     pin: str = softhsm.PIN
+    so_pin: str = softhsm.SO_PIN
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -173,10 +174,12 @@ class Group:
         e.update(env or {})
         return result(run_py(prelude + code, e, args, timeout=timeout))
 
-    def hashim(self, *args: str, so_pin: str | None = softhsm.SO_PIN,
-               pin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        """The ``hashim`` command on this group's config."""
-        return hashim_cli(self.conf, *args, so_pin=so_pin, pin=pin, timeout=timeout)
+    def hashim(self, *args: str, so_pin: str | None = "", pin: str | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+        """The ``hashim`` command on this group's config (HASHIM_SO_PIN = the group's SO
+        PIN unless ``so_pin`` says otherwise; None: unset)."""
+        return hashim_cli(self.conf, *args, so_pin=self.so_pin if so_pin == "" else so_pin,
+                          pin=pin, timeout=timeout)
 
     def log_text(self) -> str:
         try:
@@ -248,11 +251,12 @@ def hashim_module() -> str:
 
 
 def make_member(base: Path, name: str, *, emu: bool = False, emu_lib: str | None = None,
-                control: dict | None = None) -> GroupMember:
+                control: dict | None = None, pin: str = softhsm.PIN,
+                so_pin: str = softhsm.SO_PIN) -> GroupMember:
     """A fresh SoftHSM2 token labelled ``name`` under ``base/name``; with ``emu`` also
     its own copy of libemuhsm.so forwarding to the token's own SoftHSM2 copy, with a
     control file (``control`` keys, e.g. service_ms=5, capacity=1) and a stats file."""
-    tok = softhsm.make_token(base, name)
+    tok = softhsm.make_token(base, name, pin=pin, so_pin=so_pin)
     env = {"SOFTHSM2_CONF": str(tok.conf)}
     if not emu:
         return GroupMember(name, tok, tok.lib, env)
@@ -273,12 +277,13 @@ def make_member(base: Path, name: str, *, emu: bool = False, emu_lib: str | None
 def make_group(base: Path, members: int | Iterable[str] = 3, *, emu: bool = False,
                control: dict | list[dict] | None = None, domain: bool = True,
                label: str = "ha-test", module: str | None = None,
-               **group) -> Group:
+               pin: str = softhsm.PIN, so_pin: str = softhsm.SO_PIN, **group) -> Group:
     """A group over fresh tokens: ``members`` names (or a count: m0, m1, ...), each a
     SoftHSM2 token or (``emu``) an emulated HSM over one; ``control`` is every emuhsm
     member's control (one dict) or each one's (a list). The domain key is provisioned
     (``hashim domain init``) unless ``domain=False``. ``group`` keys go to [group]
-    (``log`` defaults to base/ha.log)."""
+    (``log`` defaults to base/ha.log). Every token gets user PIN ``pin`` and SO PIN
+    ``so_pin``."""
     base = Path(base)
     base.mkdir(parents=True, exist_ok=True)
     names = [f"m{i}" for i in range(members)] if isinstance(members, int) else list(members)
@@ -287,12 +292,12 @@ def make_group(base: Path, members: int | Iterable[str] = 3, *, emu: bool = Fals
     if emu:
         from tests.fixtures.build import build_emuhsm
         emu_lib = build_emuhsm(base / ".emuhsm-build")
-    ms = [make_member(base, n, emu=emu, emu_lib=emu_lib, control=c)
+    ms = [make_member(base, n, emu=emu, emu_lib=emu_lib, control=c, pin=pin, so_pin=so_pin)
           for n, c in zip(names, controls)]
     log = Path(group.pop("log", None) or base / "ha.log")
     group.setdefault("state_dir", str(base / "state"))
     conf = write_group_config(base / "hashim.toml", ms, label=label, log=str(log), **group)
-    g = Group(base, ms, conf, log, module or hashim_module(), label)
+    g = Group(base, ms, conf, log, module or hashim_module(), label, pin, so_pin)
     if domain:
         domain_init(g)
     return g

@@ -275,27 +275,69 @@ emit({"pt": decrypt(p, s, one(p, s, K.CKO_SECRET_KEY, "gen-aes"), bytes.fromhex(
 
 
 def test_signatures_from_every_member_verify(emu3):
-    """Signatures made through the HA slot are spread over all members (emuhsm stats)
-    and every one verifies with the public key."""
+    """Signatures made through the HA slot under load (6 threads, 3 ms per command) come
+    from every member (emuhsm stats) and every one verifies with the public key."""
     for m in emu3.members:
-        m.set_control(service_ms=0)
+        m.set_control(service_ms=3)
     out = ha(emu3, r'''
 p, slot, s = connect(MODULE, LABEL)
 pub, prv = keypair(p, s, "ec", "spread-ec")
 rpub, rprv = keypair(p, s, "rsa", "spread-rsa")
-ec = [sign(p, s, prv).hex() for _ in range(30)]
-rsa = [sign(p, s, rprv, HASH, K.CKM_SHA256_RSA_PKCS).hex() for _ in range(12)]
-emit({"pid": os.getpid(), "point": attr(p, s, pub, K.CKA_EC_POINT).hex(),
+ec, rsa, errors = [], [], []
+barrier = threading.Barrier(6)
+def worker():
+    try:
+        _, ws = p.open_session(slot)
+        barrier.wait()
+        for _ in range(10):
+            ec.append(sign(p, ws, prv).hex())
+            rsa.append(sign(p, ws, rprv, HASH, K.CKM_SHA256_RSA_PKCS).hex())
+    except Exception as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=worker) for _ in range(6)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+emit({"pid": os.getpid(), "point": attr(p, s, pub, K.CKA_EC_POINT).hex(), "errors": errors,
       "n": attr(p, s, rpub, K.CKA_MODULUS).hex(), "e": attr(p, s, rpub, K.CKA_PUBLIC_EXPONENT).hex(),
       "ec": ec, "rsa": rsa})
 ''')
+    assert out["errors"] == []
     stats = {m.name: m.stats(out["pid"]) for m in emu3.members}
     signs = {n: st.get("C_Sign", 0) for n, st in stats.items()}
-    assert sum(signs.values()) == 42, signs
+    assert sum(signs.values()) == 120, signs
     assert all(v > 0 for v in signs.values()), f"a member served no C_Sign: {signs}"
     assert all(verify_ec(out["point"], bytes.fromhex(sig), HASH) for sig in out["ec"])
     assert all(verify_rsa(out["n"], out["e"], bytes.fromhex(sig), HASH) for sig in out["rsa"])
     assert len(set(out["rsa"])) == 1          # deterministic: every member holds the same key
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: the C fast path's re-init (INIT_FAST, "
+                   "commit b5a1fe8) and the 'random' route keep every repeated C_SignInit/"
+                   "C_Sign and C_GenerateRandom of a session on the member of its first "
+                   "call, instead of the least busy member with ties rotating per command")
+def test_one_session_commands_rotate_over_members(emu3):
+    """Single-part commands of ONE session, one after the other (all members idle: a
+    tie every time), rotate over the members."""
+    for m in emu3.members:
+        m.set_control(service_ms=0)
+    out = ha(emu3, r'''
+p, slot, s = connect(MODULE, LABEL)
+pub, prv = keypair(p, s, "ec", "rotate-ec", token=False)
+for _ in range(12):
+    sign(p, s, prv)
+b = buf(16)
+for _ in range(12):
+    check(p.C_GenerateRandom(s, b, 16), "C_GenerateRandom")
+emit({"pid": os.getpid()})
+''')
+    stats = {m.name: m.stats(out["pid"]) for m in emu3.members}
+    signs = {n: st.get("C_Sign", 0) for n, st in stats.items()}
+    rnd = {n: st.get("C_GenerateRandom", 0) for n, st in stats.items()}
+    assert sum(signs.values()) == 12 and sum(rnd.values()) == 12
+    assert all(v >= 2 for v in signs.values()), f"C_Sign per member {signs}"
+    assert all(v >= 2 for v in rnd.values()), f"C_GenerateRandom per member {rnd}"
 
 
 def test_copy_set_attribute_destroy_reach_every_member(group3):
@@ -560,8 +602,9 @@ emit({"pid": os.getpid(), "ops": ops, "n": n_hex, "e": e_hex, "N": N, "data": (c
             f"operation {k}: length queries per member {queries}, updates on {owner}"
         assert verify_rsa(out["n"], out["e"], bytes.fromhex(op["sig"]),
                           bytes.fromhex(out["data"])), k
+    # meanwhile the background signatures went to other members too
     stats = {m.name: m.stats(out["pid"]) for m in emu3.members}
-    assert all(st.get("C_Sign", 0) > 0 for st in stats.values()), \
+    assert sum(1 for st in stats.values() if st.get("C_Sign", 0) > 0) >= 2, \
         {n: st.get("C_Sign") for n, st in stats.items()}
 
 
@@ -789,3 +832,170 @@ def test_startup_sync_disabled_only_reports(tmp_path):
         for what in ("private key 'sync-ec'", "public key 'sync-ec'", "secret key 'sync-aes'",
                      "data object 'sync-data'"):
             assert f"sync disabled: {name} lacks {what}" in log, (what, name, log)
+
+
+# --------------------------------------------------------------------------- more of the same
+def test_concurrent_key_management(group3):
+    """Keys generated and objects created from 4 threads at once (while 2 more sign)
+    all reach every member, and a later process finds each once."""
+    out = ha(group3, r'''
+p, slot, s = connect(MODULE, LABEL)
+pub, prv = keypair(p, s, "ec", "cc-signer", token=False)
+errors, stop = [], threading.Event()
+def maker(t):
+    try:
+        _, ws = p.open_session(slot)
+        for i in range(3):
+            keypair(p, ws, "ec", f"cc-ec-{t}-{i}")
+        aes(p, ws, f"cc-aes-{t}")
+        check(p.create(ws, [(K.CKA_CLASS, K.CKO_DATA), (K.CKA_TOKEN, True),
+                            (K.CKA_LABEL, f"cc-data-{t}"), (K.CKA_VALUE, bytes([t]))])[0], "create")
+    except Exception as e:
+        errors.append(repr(e))
+def signer():
+    _, ws = p.open_session(slot)
+    while not stop.is_set():
+        sign(p, ws, prv)
+sg = [threading.Thread(target=signer, daemon=True) for _ in range(2)]
+mk = [threading.Thread(target=maker, args=(t,)) for t in range(4)]
+for t in sg + mk:
+    t.start()
+for t in mk:
+    t.join()
+stop.set()
+for t in sg:
+    t.join()
+emit({"errors": errors})
+''')
+    assert out["errors"] == []
+    labels = [f"cc-ec-{t}-{i}" for t in range(4) for i in range(3)]
+    singles = [f"cc-aes-{t}" for t in range(4)] + [f"cc-data-{t}" for t in range(4)]
+    found = ha(group3, "p, slot, s = connect(MODULE, LABEL)\n"
+               "emit({l: len(find(p, s, [(K.CKA_LABEL, l)])) for l in ARGS})\n",
+               labels + singles)
+    assert found == {**{l: 2 for l in labels}, **{l: 1 for l in singles}}
+    for m in group3.members:
+        have = [o.get("LABEL") for o in m.objects()]
+        missing = [l for l in labels + singles
+                   if have.count(l) != (2 if l in labels else 1)]
+        assert not missing, (m.name, missing)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: identical objects (same identifying "
+                   "attributes and value) held twice by every member are shown once per "
+                   "member plus once (4 instead of 2 with 3 members) by a process that did "
+                   "not create them (Group.map_found makes a new virtual handle for each "
+                   "further copy on each member)")
+def test_identical_objects_found_as_often_as_on_a_single_token(group3):
+    ha(group3, r'''
+p, slot, s = connect(MODULE, LABEL)
+for i in range(2):
+    check(p.create(s, [(K.CKA_CLASS, K.CKO_DATA), (K.CKA_TOKEN, True), (K.CKA_LABEL, "twin"),
+                       (K.CKA_VALUE, b"same")])[0], "C_CreateObject")
+emit(None)
+''')
+    for m in group3.members:
+        assert len(m.objects(LABEL="twin")) == 2, m.name
+    n = ha(group3, "p, slot, s = connect(MODULE, LABEL)\n"
+           "emit(len(find(p, s, [(K.CKA_LABEL, 'twin')])))\n")
+    assert n == 2
+
+
+UPIN, UPIN2, UPIN3, SOPIN = "97531864", "86420975", "75318642", "64208642"
+
+
+def test_pin_changes_reach_every_member_and_stay_secret(tmp_path):
+    """C_SetPIN and the SO's C_InitPIN through the HA slot change the PIN on every
+    member (checked directly); no PIN appears in the HA log or the outputs."""
+    g = make_group(tmp_path, ["a", "b", "c"], label="pin-ha", pin=UPIN, so_pin=SOPIN)
+    out = ha(g, r'''
+p, slot, s = connect(MODULE, LABEL)
+r = {}
+old, new = ARGS["old"].encode(), ARGS["new"].encode()
+r["setpin"] = rv_name(p.C_SetPIN(s, old, len(old), new, len(new)))
+r["logout"] = rv_name(p.C_Logout(s))
+r["old"] = rv_name(p.login(s, ARGS["old"]))
+r["new"] = rv_name(p.login(s, ARGS["new"]))
+aes(p, s, "pin-aes")
+r["logout2"] = rv_name(p.C_Logout(s))
+r["so"] = rv_name(p.login(s, ARGS["so"], K.CKU_SO))
+third = ARGS["third"].encode()
+r["initpin"] = rv_name(p.C_InitPIN(s, third, len(third)))
+r["so_logout"] = rv_name(p.C_Logout(s))
+r["third"] = rv_name(p.login(s, ARGS["third"]))
+emit(r)
+''', {"old": UPIN, "new": UPIN2, "so": SOPIN, "third": UPIN3})
+    assert out == {"setpin": "CKR_OK", "logout": "CKR_OK", "old": "CKR_PIN_INCORRECT",
+                   "new": "CKR_OK", "logout2": "CKR_OK", "so": "CKR_OK", "initpin": "CKR_OK",
+                   "so_logout": "CKR_OK", "third": "CKR_OK"}
+    for m in g.members:
+        d = direct(m, r'''
+p = P11(LIB)
+check(p.initialize(), "C_Initialize")
+rv, s = p.open_session(p.find_slot(LABEL))
+emit({pin: rv_name(p.login(s, pin)) for pin in ARGS})
+''', [UPIN, UPIN2, UPIN3])
+        assert d == {UPIN: "CKR_PIN_INCORRECT", UPIN2: "CKR_PIN_INCORRECT", UPIN3: "CKR_OK"}, m.name
+    # the key generated under the changed PIN reached every member
+    g.pin = UPIN3
+    for m in g.members:
+        m.token.pin = UPIN3
+        assert len(m.objects(LABEL="pin-aes")) == 1, m.name
+    log = g.log_text()
+    assert "initialised" in log
+    for secret in (UPIN, UPIN2, UPIN3, SOPIN):
+        assert secret not in log
+
+
+def test_member_refusing_the_pin_leaves_rotation(tmp_path):
+    """A member whose token does not take the PIN the primary accepted is reported and
+    taken out of rotation: it serves nothing, the others go on."""
+    g = make_group(tmp_path, ["e0", "e1", "e2"], emu=True, label="refuse-ha")
+    odd = g.member("e2")
+    direct(odd, r'''
+p, slot, s = connect(LIB, LABEL)
+old, new = PIN.encode(), b"11112222"
+check(p.C_SetPIN(s, old, len(old), new, len(new)), "C_SetPIN")
+emit(None)
+''')
+    for m in g.members:
+        m.set_control(service_ms=3)
+    out = ha(g, r'''
+p, slot, s = connect(MODULE, LABEL)
+pub, prv = keypair(p, s, "ec", "refuse-ec")
+sigs = []
+def worker():
+    _, ws = p.open_session(slot)
+    for _ in range(6):
+        sigs.append(sign(p, ws, prv).hex())
+ts = [threading.Thread(target=worker) for _ in range(4)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+emit({"pid": os.getpid(), "point": attr(p, s, pub, K.CKA_EC_POINT).hex(), "sigs": sigs})
+''')
+    assert all(verify_ec(out["point"], bytes.fromhex(x), HASH) for x in out["sigs"])
+    signs = {m.name: m.stats(out["pid"]).get("C_Sign", 0) for m in g.members}
+    assert signs["e2"] == 0 and signs["e0"] > 0 and signs["e1"] > 0, signs
+    log = g.log_text()
+    assert "member 'e2' failed: refuses the login the primary accepted" in log, log
+    assert "11112222" not in log
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: after C_Logout + C_Login in one process a "
+                   "private object is found once per member (3 instead of 1): SoftHSM2 gives "
+                   "private objects new handles after a logout and Group.map_found makes a "
+                   "new virtual handle for each instead of replacing the stale member handle")
+def test_relogin_finds_each_object_once(group3):
+    out = ha(group3, r'''
+p, slot, s = connect(MODULE, LABEL)
+aes(p, s, "relogin-aes")
+r = [len(find(p, s, [(K.CKA_LABEL, "relogin-aes")]))]
+check(p.C_Logout(s), "C_Logout")
+r.append(len(find(p, s, [(K.CKA_LABEL, "relogin-aes")])))
+check(p.login(s, PIN), "C_Login")
+r.append(len(find(p, s, [(K.CKA_LABEL, "relogin-aes")])))
+emit(r)
+''')
+    assert out == [1, 0, 1]
