@@ -2,8 +2,16 @@
 it picks up (``hashim recover NAME``), through the state directory of its config:
 
     <state_dir>/status-<pid>.json    this process's view (rewritten on every change,
-                                     at most a few times a second; removed at exit)
-    <state_dir>/recover-<name>       a request to retry member <name> now (mtime)
+                                     at most every MIN_PERIOD seconds, every 5 s
+                                     when nothing changes; removed at C_Finalize and
+                                     at exit; a dead process's file is ignored and
+                                     removed by ``hashim status``)
+    <state_dir>/recover-<name>       a request to retry member <name> now: its mtime
+                                     is the request (a file older than the process is
+                                     not a request to it)
+
+The file is one JSON object (``snapshot`` below); ``shim/status.py`` merges the files
+of every live process and documents the keys it prints.
 """
 from __future__ import annotations
 
@@ -12,16 +20,45 @@ import os
 import tempfile
 import time
 
-from ..members.member import ONLINE
+from ..members.member import GIVEN_UP, ONLINE, RECOVERING
 
 MIN_PERIOD = 0.25      # seconds between two writes of the status file
+DIRTY_PERIOD = 0.05    # ... when a member changed state (a transition shows at once)
+FORMAT = 1             # bumped when a key changes meaning
 
 
 def iso(t: float) -> str:
+    """UTC, to the second: ``2026-11-26T12:00:00Z`` (``*_ts`` keys carry the float)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def snapshot(g, rtt=None) -> dict:
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22):
+    with the pid, it names a process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def recovery(m, limit, now_m) -> dict | None:
+    """``{"attempt": k, "of": n or None, "next_in_s": s or None}`` while a member is
+    down: k attempts made since it failed (or since ``hashim recover``); the next one
+    in s seconds (0 while one runs, None when given up)."""
+    if m.state == ONLINE:
+        return None
+    if m.state == GIVEN_UP or m.next_recovery is None:
+        nxt = None
+    elif m.state == RECOVERING:
+        nxt = 0.0
+    else:
+        nxt = round(max(0.0, m.next_recovery - now_m), 1)
+    return {"attempt": m.recovery_attempt, "of": limit, "next_in_s": nxt}
+
+
+def snapshot(g, rtt=None, seen=None) -> dict:
     now_m = time.monotonic()
     try:
         primary = g.primary.name
@@ -30,20 +67,25 @@ def snapshot(g, rtt=None) -> dict:
     members = []
     limit = g.settings.recovery_attempts
     for m in g.members:
-        rec = None
-        if m.state != ONLINE and m.next_recovery is not None:
-            rec = {"attempt": m.recovery_attempt, "of": limit,
-                   "next_in_s": round(max(0.0, m.next_recovery - now_m), 1)}
+        hist = list(getattr(m, "history", ()) or ())
         members.append({
             "name": m.name, "state": m.state, "in_flight": m.in_flight,
-            "served": m.served, "failed_over": m.failed_over, "recovery": rec,
+            "served": m.served, "failed_over": m.failed_over,
+            "recovery": recovery(m, limit, now_m),
             "last_error": m.last_error, "last_change": iso(m.last_change),
+            "last_change_ts": m.last_change,
             "kind": m.kind, "module": m.cfg.module,
             "heartbeat_rtt_ms": round(rtt[m.name] * 1000, 3) if rtt and m.name in rtt else None,
+            "transitions": [{"at": iso(t), "ts": t, "state": s, "reason": r}
+                            for t, s, r in hist],
         })
     rep = g.replicator
-    return {"group": g.label, "primary": primary, "pid": os.getpid(),
-            "updated": iso(time.time()), "members": members,
+    pid = os.getpid()
+    return {"format": FORMAT, "group": g.label, "primary": primary, "pid": pid,
+            "pid_start": process_start(pid), "started": iso(g.started_at),
+            "started_ts": g.started_at,
+            "updated": iso(time.time()), "updated_ts": time.time(), "members": members,
+            "recover_requests": dict(seen or {}),
             "unreplicable": [{"fingerprint": fp, "label": lbl, "reason": why}
                              for fp, (lbl, why) in (rep.unreplicable.items() if rep else [])],
             "last_sync": rep.last_sync if rep else None}
@@ -57,33 +99,42 @@ class Publisher:
         self.last_write = 0.0
         self.last_body = None
         self.dirty = True
-        self.seen_requests = {}
+        self.removed = False
+        self.seen_requests = {}     # request file name -> mtime acted upon
 
     def changed(self):
         self.dirty = True
 
     def publish(self, force=False):
+        """Write the snapshot when it changed (counters included), at most every
+        MIN_PERIOD seconds; unchanged, every 5 s (the file's age tells a reader that
+        the process still runs its supervisor)."""
+        if self.removed:
+            return
         now = time.monotonic()
-        if not force and now - self.last_write < MIN_PERIOD:
+        if not force and now - self.last_write < (DIRTY_PERIOD if self.dirty else MIN_PERIOD):
             return
         sup = self.g.supervisor
-        snap = snapshot(self.g, sup.rtt if sup else None)
-        body = json.dumps(snap, sort_keys=True)
-        self.last_write = now
-        if body == self.last_body and not self.dirty and now - self.last_write < 5:
+        snap = snapshot(self.g, sup.rtt if sup else None,
+                        {n[len("recover-"):]: t for n, t in self.seen_requests.items()})
+        key = json.dumps({k: v for k, v in snap.items() if k not in ("updated", "updated_ts")},
+                         sort_keys=True)
+        if not force and not self.dirty and key == self.last_body and now - self.last_write < 5:
             return
         self.dirty = False
-        self.last_body = body
+        self.last_body = key
+        self.last_write = now
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".status-")
             with os.fdopen(fd, "w") as f:
-                f.write(body)
+                f.write(json.dumps(snap, sort_keys=True))
             os.replace(tmp, self.path)
         except OSError:
             pass
 
     def remove(self):
+        self.removed = True
         try:
             os.unlink(self.path)
         except OSError:
@@ -109,3 +160,4 @@ class Publisher:
                 continue
             self.seen_requests[n] = mtime
             supervisor.recover_now(n[len("recover-"):])
+            self.dirty = True

@@ -6,6 +6,7 @@ into ``MemberDown`` after marking the member failed. Application-level answers a
 returned unchanged."""
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -16,6 +17,7 @@ from ..errors import P11Error, rv_name
 from ..spec.constants import CKF_RW_SESSION, CKF_SERIAL_SESSION, CKR, CKR_OK
 from .. import native
 from .module import Module, ffi, private_copy
+from . import isolated
 
 log = logging.getLogger("hashim")
 
@@ -26,8 +28,19 @@ RECOVERING = "recovering"
 GIVEN_UP = "given up"
 
 # Answers that mean the member, not the request, is in trouble: the member fails over.
-# Lost sessions (a member restarted under us) count: hashim only ever passes a member
-# the session handles that member gave it.
+#   CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED      the device (or the link to it: p11-kit-client
+#                                             answers DEVICE_ERROR once its connection is cut)
+#   CKR_DEVICE_MEMORY                         the token's own memory failed or is full
+#   CKR_TOKEN_NOT_PRESENT, _NOT_RECOGNIZED    the token went away
+#   CKR_CRYPTOKI_NOT_INITIALIZED              the module was finalised or restarted under us
+#   CKR_SESSION_HANDLE_INVALID, _CLOSED       lost sessions: the member restarted (hashim only
+#                                             ever passes a member the session handles that
+#                                             member gave it, so these are never the
+#                                             application's mistake)
+# Not in it, on purpose: CKR_GENERAL_ERROR and CKR_FUNCTION_FAILED (modules answer them for
+# requests they dislike: failing members over for them would let one bad request take the
+# whole group down, member after member), and every application-level code (bad mechanism,
+# wrong length, invalid signature, not logged in, ...): returned to the application as is.
 DEVICE_LEVEL = frozenset({
     CKR.DEVICE_ERROR, CKR.DEVICE_REMOVED, CKR.DEVICE_MEMORY, CKR.TOKEN_NOT_PRESENT,
     CKR.TOKEN_NOT_RECOGNIZED, CKR.CRYPTOKI_NOT_INITIALIZED, CKR.SESSION_HANDLE_INVALID,
@@ -47,6 +60,7 @@ DEVICE_LEVEL = frozenset({
 #            ones (their module runs in another process: nothing thread-local shared).
 SUPERVISE = os.environ.get("HASHIM_SUPERVISE", "auto")
 WAIT_SLICE = 0.05       # seconds between two looks at a still-running call
+HISTORY = 16            # transitions kept per member for the status
 
 
 def _word(a, keep):
@@ -121,9 +135,13 @@ class Member:
 
     @property
     def kind(self) -> str:
+        """"isolated" (the module runs in a child p11-kit server hashim starts),
+        "remote" (p11-kit-client.so towards a p11-kit server elsewhere) or
+        "in process"."""
         if self.cfg.isolate:
             return "isolated"
-        if "P11_KIT_SERVER_ADDRESS" in (self.cfg.env or {}):
+        if "P11_KIT_SERVER_ADDRESS" in (self.cfg.env or {}) \
+                or os.path.basename(self.cfg.module) == "p11-kit-client.so":
             return "remote"
         return "in process"
 
@@ -138,7 +156,11 @@ class Member:
     # ---- life cycle ----------------------------------------------------------
     def start(self):
         """Load (a fresh instance where private), initialise, find the token, open
-        the anchor session. Raises P11Error."""
+        the anchor session. Raises P11Error. Isolated and remote members (see
+        isolated.py): (isolated) start a p11-kit server child, then a fresh private
+        copy of p11-kit-client.so at every start, so a restart reconnects."""
+        if self.kind != "in process":
+            return isolated.start_member(self)
         path = self.cfg.module
         if self.cfg.private_instance:
             path = private_copy(self.cfg.module, self.name, self.cache_dir)
@@ -150,9 +172,20 @@ class Member:
         self.anchor = self.raw_open_session(CKF_SERIAL_SESSION | CKF_RW_SESSION)
 
     def stop(self):
+        if self.kind != "in process":
+            return isolated.stop_member(self)
         self.anchor = None
         if self.module is not None:
             self.module.finalize()
+
+    def terminate_child(self):
+        """Isolated member: SIGKILL its p11-kit server child (the whole process group,
+        the process running the module included); remote member: shut its connection
+        down. Every call stuck in the member returns at once (CKR_DEVICE_ERROR). Cheap
+        and idempotent; for the supervisor to call as soon as it fails the member.
+        In-process members: nothing to do."""
+        if self.kind != "in process":
+            isolated.terminate(self)
 
     def set_state(self, state, error=None):
         with self.lock:
@@ -163,6 +196,11 @@ class Member:
                          f" ({error})" if error else "")
                 self.state = state
                 self.last_change = time.time()
+                # recent transitions, for 'hashim status' (see engine/status.py)
+                hist = self.__dict__.get("history")
+                if hist is None:
+                    hist = self.history = collections.deque(maxlen=HISTORY)
+                hist.append((self.last_change, state, error))
 
     def fail(self, reason: str):
         """Take the member out of rotation (first failure wins)."""
@@ -202,9 +240,13 @@ class Member:
     def _supervised(self, fname, args) -> int:
         """Run the call on a pool worker; while it runs, look every WAIT_SLICE at the
         member: once the supervisor failed it (no sign of life within the command
-        timeout), the call is abandoned and the caller re-runs elsewhere."""
+        timeout), the call is abandoned and the caller re-runs elsewhere. A member that
+        failed and already came back (a new generation) does not own the call either:
+        its sessions are new, the call's answer would mean nothing."""
+        gen = self.generation
+
         def gone():
-            if self.state not in (ONLINE, RECOVERING):
+            if self.generation != gen or self.state not in (ONLINE, RECOVERING):
                 return f"{fname} abandoned: {self.last_error}"
         return pooled(self, fname, self.f[fname], args, gone)
 
