@@ -110,3 +110,27 @@ def target(request, token, tmp_path) -> Target:
     through its SoftHSM2 library or through hashim (one-member group whose label
     is the token's label, so URIs and --token-label work the same both ways)."""
     return make_target(request.param, token, tmp_path)
+
+
+# --- soak tests (tests/test_soak.py): long, not in the default run ------------------------
+# `python3 -m pytest -m soak tests/test_soak.py` runs them (CI runs them as their own step).
+def _register_soak_marker(config):
+    config.addinivalue_line(
+        "markers", "soak: long-running test, deselected unless selected with -m soak")
+
+
+def _deselect_soak(config, items):
+    if "soak" in (config.getoption("-m") or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("soak") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
+def pytest_configure(config):
+    _register_soak_marker(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    _deselect_soak(config, items)
