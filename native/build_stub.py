@@ -340,8 +340,15 @@ _here = os.path.dirname(os.path.dirname(os.path.realpath(ffi.string(lib.hashim_m
 for _site in ffi.string(lib.hashim_py_sites()).decode().split(os.pathsep):
     if _site and _site not in sys.path:
         site.addsitedir(_site)
-if _here not in sys.path:
-    sys.path.append(_here)
+if "shim" not in sys.modules and os.path.isfile(os.path.join(_here, "shim", "__init__.py")):
+    # the package next to this module file, whatever else the path would find first
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location(
+        "shim", os.path.join(_here, "shim", "__init__.py"),
+        submodule_search_locations=[os.path.join(_here, "shim")])
+    _pkg = importlib.util.module_from_spec(_spec)
+    sys.modules["shim"] = _pkg
+    _spec.loader.exec_module(_pkg)
 from shim import frontend
 frontend.install(ffi, lib)
 '''
