@@ -25,7 +25,8 @@ def release(vh: int):
 
 def route(vh: int, kind: str, member, mh: int):
     """Calls of ``kind`` on virtual session ``vh`` may now go straight to ``member``."""
-    if lib is None or getattr(member, "index", None) is None or member.module is None:
+    if lib is None or getattr(member, "index", None) is None or member.module is None \
+            or member.handoff:      # calls handed to the worker pool stay supervised there
         return
     fl = member.__dict__.get("fl_void")
     if fl is None or member.__dict__.get("fl_of") is not member.module:
