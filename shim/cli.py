@@ -192,6 +192,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     x.add_argument("--enable", dest="state", action="store_const", const=True)
     x.add_argument("--disable", dest="state", action="store_const", const=False)
     x.add_argument("--now", action="store_true", help="synchronise the members now")
+    g.add_argument("--pin-file", metavar="FILE",
+                   help="with --now: read the user PIN from FILE (default: $HASHIM_PIN, or "
+                        "a prompt)")
     g.set_defaults(func=cmd_group_synchronize)
 
     g = _sub(gsp, "ha-only", "show only the HA slot (--enable) or members' slots too")
@@ -444,8 +447,11 @@ def _set_bool(args: argparse.Namespace, key: str) -> int:
 
 def cmd_group_synchronize(args: argparse.Namespace) -> int:
     if args.now:
-        cfg.load(config_path(args), check_files=False)
-        raise OperationFailed("group synchronize --now is not available yet")
+        from .sync import main as sync_now     # copies missing objects, prints what it did
+        return sync_now(args)
+    if getattr(args, "pin_file", None):
+        raise UsageError("--pin-file goes with --now (--enable/--disable only edit the "
+                         "config file)")
     return _set_bool(args, "synchronize")
 
 
