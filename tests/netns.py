@@ -604,9 +604,9 @@ def hashim_module() -> str:
     """The built hashim module (``HASHIM_MODULE`` overrides ``shim.module_path()``)."""
     if os.environ.get("HASHIM_MODULE"):
         return os.environ["HASHIM_MODULE"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(os.environ, PYTHONPATH=str(REPO))      # this checkout's module
     p = subprocess.run([sys.executable, "-c", "import shim; print(shim.module_path())"],
-                       env=env, capture_output=True, text=True, timeout=120, cwd="/")
+                       env=env, capture_output=True, text=True, timeout=120, cwd=str(REPO))
     path = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
     if p.returncode != 0 or not path or not Path(path).is_file():
         raise RuntimeError("hashim module not available (pip install -e . ?): "
