@@ -612,12 +612,12 @@ class Group:
         tried = []
         while True:
             m = self.pick(vs, handles, exclude=tried)
-            ms = self.member_session(vs, m)
-            cm, keep = (p_mech, None) if p_mech is not None else \
-                mech.build(lambda vh: self.handle(vh, m))
-            mkey = None if key is None else self.handle(key, m)
-            args = (cm,) if key is None else (cm, mkey)
-            try:
+            try:            # the member may fail between pick() and the call
+                ms = self.member_session(vs, m)
+                cm, keep = (p_mech, None) if p_mech is not None else \
+                    mech.build(lambda vh: self.handle(vh, m))
+                mkey = None if key is None else self.handle(key, m)
+                args = (cm,) if key is None else (cm, mkey)
                 rv = m.call(init, ms, *args)
             except MemberDown:
                 m.failed_over += 1
