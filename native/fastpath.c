@@ -170,8 +170,22 @@ static void hashim_route_end(CK_SESSION_HANDLE vh, int kind)
 
 static void hashim_member_set_up(int member, int up)
 {
-    if (member >= 0 && member < HASHIM_MEMBERS)
-        __atomic_store_n(&hashim_member_up[member], up, __ATOMIC_RELEASE);
+    int i, k;
+    if (member < 0 || member >= HASHIM_MEMBERS)
+        return;
+    __atomic_store_n(&hashim_member_up[member], up, __ATOMIC_RELEASE);
+    if (up)
+        return;
+    /* a member that went down loses its sessions: no route may lead there again
+       (after a restart the same session handles may belong to other sessions) */
+    for (i = 0; i < HASHIM_ROUTES; i++) {
+        if (!__atomic_load_n(&hashim_routes[i].vh, __ATOMIC_ACQUIRE))
+            continue;
+        for (k = 0; k < HASHIM_KINDS; k++)
+            if (hashim_routes[i].r[k].member == member)
+                __atomic_store_n(&hashim_routes[i].r[k].state, HASHIM_R_NONE,
+                                 __ATOMIC_RELEASE);
+    }
 }
 
 /* calls in flight, served, and nanoseconds since the last completion */

@@ -6,7 +6,7 @@ import threading
 
 from .. import native
 from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
-from ..spec.fastpath import ENDED, MULTIPART
+from ..spec.fastpath import ENDED, MULTIPART, NONE
 
 
 class VSession:
@@ -40,7 +40,7 @@ class VSession:
                 st = native.state(self.handle, kind)
                 if st == ENDED:
                     self.end(kind)
-                else:
+                elif st != NONE:              # NONE: route dropped, the engine goes on
                     op.multipart = st == MULTIPART
 
     def route_random(self, member, mh):
