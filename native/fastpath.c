@@ -11,6 +11,8 @@
 #define HASHIM_R_ACTIVE 1
 #define HASHIM_R_MULTIPART 2
 #define HASHIM_R_ENDED 3
+#define HASHIM_R_DROPPED 4             /* member went down: the engine takes over */
+#define HASHIM_R_DROPPED_MULTIPART 5
 
 struct hashim_route {
     CK_FUNCTION_LIST *fl;
@@ -181,10 +183,16 @@ static void hashim_member_set_up(int member, int up)
     for (i = 0; i < HASHIM_ROUTES; i++) {
         if (!__atomic_load_n(&hashim_routes[i].vh, __ATOMIC_ACQUIRE))
             continue;
-        for (k = 0; k < HASHIM_KINDS; k++)
-            if (hashim_routes[i].r[k].member == member)
-                __atomic_store_n(&hashim_routes[i].r[k].state, HASHIM_R_NONE,
-                                 __ATOMIC_RELEASE);
+        for (k = 0; k < HASHIM_KINDS; k++) {
+            struct hashim_route *r = &hashim_routes[i].r[k];
+            int st = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE);
+            if (r->member != member)
+                continue;
+            /* keep what the engine must know: was the operation multi-part? */
+            __atomic_store_n(&r->state, st == HASHIM_R_MULTIPART ? HASHIM_R_DROPPED_MULTIPART
+                             : st == HASHIM_R_ACTIVE ? HASHIM_R_DROPPED : HASHIM_R_NONE,
+                             __ATOMIC_RELEASE);
+        }
     }
 }
 

@@ -6,7 +6,7 @@ import threading
 
 from .. import native
 from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
-from ..spec.fastpath import ENDED, MULTIPART, NONE
+from ..spec.fastpath import ACTIVE, DROPPED_MULTIPART, ENDED, MULTIPART
 
 
 class VSession:
@@ -40,8 +40,10 @@ class VSession:
                 st = native.state(self.handle, kind)
                 if st == ENDED:
                     self.end(kind)
-                elif st != NONE:              # NONE: route dropped, the engine goes on
-                    op.multipart = st == MULTIPART
+                elif st in (MULTIPART, DROPPED_MULTIPART):
+                    op.multipart = True
+                elif st == ACTIVE:
+                    op.multipart = False      # started again by the stub (single-part)
 
     def route_random(self, member, mh):
         if self.fast:
