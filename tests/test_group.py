@@ -999,3 +999,25 @@ r.append(len(find(p, s, [(K.CKA_LABEL, "relogin-aes")])))
 emit(r)
 ''')
     assert out == [1, 0, 1]
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: a C_CopyObject copy of a key the "
+                   "application made non-extractable is reported CKA_EXTRACTABLE=TRUE and "
+                   "CKA_WRAP_WITH_TRUSTED=TRUE through the HA slot and C_WrapKey of it answers "
+                   "CKR_KEY_NOT_WRAPPABLE, not CKR_KEY_UNEXTRACTABLE (the intent is not "
+                   "carried over to copies)")
+def test_copy_of_a_non_extractable_key_stays_non_extractable(group3):
+    out = ha(group3, r'''
+p, slot, s = connect(MODULE, LABEL)
+wk = aes(p, s, "nxc-wrapper", extra=[(K.CKA_WRAP, True), (K.CKA_EXTRACTABLE, True)])
+k = aes(p, s, "nxc-aes", extra=[(K.CKA_EXTRACTABLE, False)])
+h = ulong()
+t = Template([(K.CKA_LABEL, "nxc-copy")])
+check(p.C_CopyObject(s, k, t.ptr, len(t), byref(h)), "C_CopyObject")
+n = ulong(0)
+emit({"ext": attr(p, s, h.value, K.CKA_EXTRACTABLE).hex(),
+      "wrap": rv_name(p.C_WrapKey(s, Mechanism(K.CKM_AES_KEY_WRAP_PAD).ptr, wk, h.value, None,
+                                  byref(n)))})
+''')
+    # as SoftHSM2 answers for the copy of a CKA_EXTRACTABLE=FALSE key
+    assert out == {"ext": "00", "wrap": "CKR_KEY_UNEXTRACTABLE"}
