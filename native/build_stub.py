@@ -322,6 +322,7 @@ def python_cdef() -> str:
                  "CK_SESSION_HANDLE mh, int member);")
     lines.append("int hashim_route_state(CK_SESSION_HANDLE vh, int kind);")
     lines.append("void hashim_route_end(CK_SESSION_HANDLE vh, int kind);")
+    lines.append("void hashim_route_multipart(CK_SESSION_HANDLE vh, int kind);")
     lines.append("void hashim_member_set_up(int member, int up);")
     lines.append("void hashim_member_stats(int member, long *inflight, unsigned long *served, "
                  "long long *idle_ns);")

@@ -170,6 +170,14 @@ static void hashim_route_end(CK_SESSION_HANDLE vh, int kind)
         __atomic_store_n(&e->r[kind].state, HASHIM_R_NONE, __ATOMIC_RELEASE);
 }
 
+static void hashim_route_multipart(CK_SESSION_HANDLE vh, int kind)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) == vh
+            && __atomic_load_n(&e->r[kind].state, __ATOMIC_ACQUIRE) == HASHIM_R_ACTIVE)
+        __atomic_store_n(&e->r[kind].state, HASHIM_R_MULTIPART, __ATOMIC_RELEASE);
+}
+
 static void hashim_member_set_up(int member, int up)
 {
     int i, k;

@@ -558,8 +558,7 @@ def op_update(kinds, fname, with_output):
                      lambda rv: rv != OK and rv != BUFFER_TOO_SMALL)
         for k in kinds:
             if rv == OK or rv == BUFFER_TOO_SMALL:
-                if k in vs.ops:
-                    vs.ops[k].multipart = True
+                vs.multipart(k)
             else:
                 vs.end(k)
         return rv
@@ -581,8 +580,7 @@ def C_DigestKey(g, hSession, hKey):
     op = _op(vs, "digest")
     rv = _run_op(g, vs, "digest", "C_DigestKey", (g.handle(hKey, op.member),),
                  lambda rv: rv != OK)
-    if "digest" in vs.ops:
-        vs.ops["digest"].multipart = True
+    vs.multipart("digest")
     return rv
 
 

@@ -52,6 +52,11 @@ def state(vh: int, kind: str) -> int:
     return lib.hashim_route_state(vh, KIND[kind]) if lib is not None else -1
 
 
+def multipart(vh: int, kind: str):
+    if lib is not None:
+        lib.hashim_route_multipart(vh, KIND[kind])
+
+
 def end(vh: int, kind: str):
     if lib is not None:
         lib.hashim_route_end(vh, KIND[kind])

@@ -42,8 +42,16 @@ class VSession:
                     self.end(kind)
                 elif st in (MULTIPART, DROPPED_MULTIPART):
                     op.multipart = True
-                elif st == ACTIVE:
-                    op.multipart = False      # started again by the stub (single-part)
+                elif st == ACTIVE:            # the stub's record is the truth: it may
+                    op.multipart = False      # have started the operation again
+
+    def multipart(self, kind):
+        """The operation took a part: from now on it cannot be replayed elsewhere."""
+        op = self.ops.get(kind)
+        if op is not None:
+            op.multipart = True
+            if self.fast:
+                native.multipart(self.handle, kind)
 
     def route_random(self, member, mh):
         if self.fast:
