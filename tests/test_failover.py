@@ -310,14 +310,27 @@ class _App:
 
     def c_engine(self):
         """The module's own view when it runs in this interpreter (cffi embedding in a
-        Python host shares the interpreter): member sessions per member."""
+        Python host shares the interpreter): per member, its state, the real sessions
+        its token has open in this process (C_GetTokenInfo.ulSessionCount) and how many
+        hashim accounts for (the anchor + one per virtual session holding one). Real
+        sessions are counted by asking every small handle (SoftHSM2 hands out 1, 2, ...
+        and does not fill in ulSessionCount)."""
         fe = sys.modules.get("shim.frontend")
         g = getattr(fe, "ENGINE", None)
         if g is None:
             return {"available": False}
-        return {"available": True,
-                "sessions": {m.name: sum(1 for vs in g.sessions.all() if m.name in vs.members)
-                             for m in g.members},
+        from shim.members.module import ffi
+        out = {}
+        for m in g.members:
+            held = sum(1 for vs in g.sessions.all() if m.name in vs.members)
+            real = None
+            if m.state == "online":          # SoftHSM2 does not count: ask every handle
+                info = ffi.new("CK_SESSION_INFO *")
+                real = sum(1 for h in range(1, 4097)
+                           if m.f["C_GetSessionInfo"](h, info) == 0)
+            out[m.name] = {"state": m.state, "held": held, "expected": held + 1,
+                           "real": real}
+        return {"available": True, "members": out,
                 "virtual_sessions": len(g.sessions.all())}
 
 
@@ -497,6 +510,15 @@ class Cluster:
 
     def stats(self, name) -> dict:
         return read_stats(self.stats_path[name])
+
+    def wait_stats(self, name, pred, timeout=3.0) -> dict:
+        """The member's emuhsm stats once ``pred(stats)`` holds (rewritten every 100 ms)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats(name)
+            if pred(st) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
 
     def direct_objects(self, name) -> list[dict]:
         """Objects on member ``name``'s token, read straight from SoftHSM2 (logged in)."""
@@ -680,7 +702,7 @@ def test_member_restart_lost_sessions(cluster):
     time.sleep(1.0)
     res = a("load_stop")
     assert single_part_errors(res) == [], res["errors"][:10]
-    assert c.stats("m0")["reinits"] == 1
+    assert c.wait_stats("m0", lambda st: st.get("reinits") == 1)["reinits"] == 1
     assert c.status()["primary"] == "m0"
     assert a("keygen", label="after-restart")["result"] == "ok"
     for name in c.names:
@@ -698,7 +720,8 @@ def test_primary_fails_during_key_generation(cluster):
     r = a("keygen", label="kp-failover")
     assert r["result"] == "ok", r
     # generated on m1, the primary while m0 was out (m0 made the load keys before)
-    assert c.stats("m1").get("C_GenerateKeyPair") == 1
+    assert c.wait_stats("m1", lambda st: st.get("C_GenerateKeyPair") == 1) \
+        .get("C_GenerateKeyPair") == 1
     assert c.stats("m2").get("C_GenerateKeyPair", 0) == 0
     back = c.wait_state("m0", "online", timeout=10)     # only key generation is faulty
     assert subsequence(["device error", "recovering", "online"], states_seen(back))
@@ -823,3 +846,27 @@ def test_multipart_on_a_failing_member(cluster, kind):
     r = a("mp_end")
     assert r == {"result": "DeviceError", "single_after": "ok", "multi_after": "ok"}, r
     c.wait_state(pinned, FAILED, timeout=5)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "engine race (reported): objects made, destroyed or recorded while a member is "
+    "'recovering' (between its sync's inventory and its return to rotation) reach neither "
+    "the replication (online members only) nor the sync (inventory taken before)"))
+def test_key_made_while_a_member_synchronises(cluster):
+    """A key generated while a returning member is being synchronised must end up on
+    it too (and a key destroyed meanwhile must leave its tombstone there)."""
+    c, a = started(cluster, keys=False)
+    for i in range(4):                   # a few keys: the sync takes a while
+        assert a("keygen", label=f"pad{i}", kind="aes")["result"] == "ok"
+    c.ctl("m1", fault="device_error")
+    c.wait_state("m1", FAILED, timeout=5)
+    c.ctl("m1", service_ms=400)          # healthy but slow: its sync takes seconds
+    c.wait_state("m1", "recovering", timeout=5)
+    assert a("keygen", label="raced", kind="aes")["result"] == "ok"
+    assert a("destroy", label="pad0")["destroyed"] == 1
+    c.wait_state("m1", "online", timeout=30)
+    c.ctl("m1")
+    sets = {n: sorted((o["class"], o["label"] or "", o["internal"])
+                      for o in c.direct_objects(n)) for n in c.names}
+    assert "raced" in [lbl for _, lbl, _ in sets["m1"]]
+    assert sets["m1"] == sets["m0"] == sets["m2"]

@@ -92,7 +92,15 @@ class Supervisor:
             pass
 
     def member_failed(self, m):
-        """Called (on whatever thread noticed) once when a member fails."""
+        """Called (on whatever thread noticed) once when a member fails. An isolated
+        member's server child is killed at once (every call stuck in it returns, and
+        the recovery starts it afresh); a remote member's connection is shut."""
+        term = getattr(m, "terminate_child", None)
+        if term is not None:
+            try:
+                term()
+            except Exception:                      # noqa: BLE001
+                log.exception("member '%s': stopping its server failed", m.name)
         m.next_recovery = time.monotonic() + min(self.s.recovery_interval, FIRST_RETRY)
         m.recovery_attempt = 0
         self.alive_at.pop(m.name, None)
