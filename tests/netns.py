@@ -481,7 +481,7 @@ def worker(i):
                 stats["errors"].append([round(time.time(), 3), err])
             if dt > stats["max_ms"]:
                 stats["max_ms"] = dt
-            if dt > 250:
+            if dt > A.get("stall_ms", 250):
                 stats["stalls"].append([round(time.time(), 3), round(dt)])
 
 threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(A["threads"])]
@@ -521,7 +521,7 @@ class Signer:
     """The application: ``threads`` threads signing with one key through the HA slot
     (python-pkcs11), each signature checked now and then with the public key, each
     thread opening a new session every ``reopen`` signatures (0: never); counts
-    successes and errors, longest call, calls over 250 ms."""
+    successes and errors, longest call, calls over ``stall_ms`` (time, ms)."""
     proc: subprocess.Popen
     dir: Path
     progress: Path
@@ -530,7 +530,8 @@ class Signer:
     @classmethod
     def start(cls, base: Path, conf: Path, module: str, label: str, pub: Path,
               key: str = "sig", threads: int = 4, exit: str = "finalize",
-              reopen: int = 200, env: dict | None = None) -> "Signer":
+              reopen: int = 200, stall_ms: float = 250,
+              env: dict | None = None) -> "Signer":
         d = Path(base)
         d.mkdir(parents=True, exist_ok=True)
         progress, stop = d / "progress.json", d / "stop"
@@ -539,7 +540,8 @@ class Signer:
                 p.unlink()
         args = {"module": module, "label": label, "pin": softhsm.PIN, "key": key,
                 "pub": str(pub), "threads": threads, "progress": str(progress),
-                "stop": str(stop), "exit": exit, "reopen": reopen}
+                "stop": str(stop), "exit": exit, "reopen": reopen,
+                "stall_ms": stall_ms}
         e = {k: v for k, v in os.environ.items()
              if not k.startswith("HASHIM_") and k not in ("SOFTHSM2_CONF",
                                                           "P11_KIT_SERVER_ADDRESS")}

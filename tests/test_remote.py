@@ -50,11 +50,11 @@ class Hosts:
             for i, n in enumerate(("a", "b", "c")):
                 tok = softhsm.make_token(tmp / "tokens", f"hsm-{n}")
                 import_key(tok, self.priv)
-                h = Host(tmp, f"hsm-{n}", i + 1, tok, self.pki, use_netns=self.netns)
+                h = self.hosts[n] = Host(tmp, f"hsm-{n}", i + 1, tok, self.pki,
+                                         use_netns=self.netns)
                 h.start()
-                e = LocalEnd(tmp, h, self.pki)
+                e = self.ends[n] = LocalEnd(tmp, h, self.pki)
                 e.start()
-                self.hosts[n], self.ends[n] = h, e
         except BaseException:
             self.close()
             raise
