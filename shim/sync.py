@@ -19,11 +19,15 @@ under it, a member that refused the copy, ...).
 
 Output (stdout), one line per change and per problem, then a summary line::
 
-    copied private key 'k2' to ha-b (from ha-a)
+    copied private key 'k2' to ha-b
+    copied 2 hashim records (tombstones) to ha-c
     destroyed secret key 'old' on ha-c (it was destroyed through the HA slot while ha-c was away)
-    not copied: secret key 'raw' to ha-b: not wrappable under the domain key (CKR_KEY_UNEXTRACTABLE)
+    not copied: secret key 'raw' (held by ha-a) to ha-b: not wrappable under the domain key (...)
     member 'ha-d' not synchronised: no token with label 'ha-d' in ... (CKR_TOKEN_NOT_PRESENT)
-    synchronised group 'payments-ha': 3 members (ha-a, ha-b, ha-c), 2 copied, 1 destroyed, 1 not copied
+    synchronised group 'payments-ha': 3 of 4 members (ha-a, ha-b, ha-c), 1 copied, 1 destroyed, 1 not copied
+
+(hashim records are the group's own bookkeeping objects -- tombstones of destroyed objects,
+the intents of non-extractable keys -- and are not counted as copied objects.)
 
 Exit status: 0 when every configured member holds every object afterwards; 1 when something
 could not be copied, a member could not be reached or refused the PIN; 2 for a usage or
@@ -208,8 +212,20 @@ def synchronize_now(config, pin: bytearray, out=print) -> int:
         except Exception:  # noqa: BLE001 - the result is already known
             pass
 
+    records: dict[str, dict[str, int]] = {}     # member -> hashim record kind -> count
     for name, info in copied:
-        out(f"copied {_label(info)} to {name}")
+        if info.internal:
+            kind = _label(info).split()[-1]
+            records.setdefault(name, {}).setdefault(kind, 0)
+            records[name][kind] += 1
+        else:
+            out(f"copied {_label(info)} to {name}")
+    for name, kinds in records.items():
+        n = sum(kinds.values())
+        out(f"copied {n} hashim record{'s' if n > 1 else ''} ("
+            + ", ".join(f"{k}{'s' if c > 1 else ''}" for k, c in sorted(kinds.items()))
+            + f") to {name}")
+    copied = [(n, i) for n, i in copied if not i.internal]
     for name, info in removed:
         out(f"destroyed {_label(info)} on {name} (it was destroyed through the HA slot "
             f"while {name} was away)")
