@@ -117,7 +117,7 @@ def _free_port() -> int:
     return port
 
 
-def _wait_listening(path: str | None = None, tcp: tuple[str, int] | None = None,
+def wait_listening(path: str | None = None, tcp: tuple[str, int] | None = None,
                     netns: str | None = None, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,7 +127,8 @@ def _wait_listening(path: str | None = None, tcp: tuple[str, int] | None = None,
         else:
             cmd = ([IP, "netns", "exec", netns] if netns else []) + ["ss", "-Hltn"]
             out = run(cmd, check=False).stdout
-            if f"{tcp[0]}:{tcp[1]} " in out:
+            want = f"{tcp[0]}:{tcp[1]} " if tcp[0] else f":{tcp[1]} "   # None: any address
+            if want in out:
                 return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {path or tcp} after {timeout} s")
@@ -191,13 +192,25 @@ class Host:
             self.netns = None
             self.local_ip, self.ip, self.port = "127.0.0.1", "127.0.0.1", _free_port()
         self.socket = str(self.dir / "pkcs11.sock")     # p11-kit server's, on the host
-        self.cert, self.key = pki.server(name, self.ip)
+        self.cert = self.key = None
         self.server = self.tunnel = None
+        self.procs = []                                 # started with run_in()
 
     def _ns(self, cmd):
         return ([IP, "netns", "exec", self.netns] if self.netns else []) + list(cmd)
 
+    def run_in(self, cmd, log: Path, env=None) -> subprocess.Popen:
+        """Start ``cmd`` on this host (in its namespace), in a session of its own."""
+        p = _start(self._ns(cmd), log, env)
+        self.procs.append(p)
+        return p
+
     def start(self):
+        self.start_network()
+        self.start_server()
+        self.start_tunnel()
+
+    def start_network(self):
         if self.netns:
             for c in ([IP, "netns", "add", self.netns],
                       [IP, "link", "add", self.veth, "type", "veth", "peer", "name", self.peer],
@@ -208,8 +221,6 @@ class Host:
                       self._ns([IP, "link", "set", self.peer, "up"]),
                       self._ns([IP, "link", "set", "lo", "up"])):
                 run(c)
-        self.start_server()
-        self.start_tunnel()
 
     def start_server(self):
         env = dict(os.environ, **self.token.env)
@@ -217,16 +228,20 @@ class Host:
                                        "--provider", self.token.lib,
                                        f"pkcs11:token={self.token.label}"]),
                              self.dir / "server.log", env)
-        _wait_listening(path=self.socket)
+        wait_listening(path=self.socket)
 
     def start_tunnel(self):
         """socat OPENSSL-LISTEN: TLS, a client certificate signed by the CA required,
-        one forked child per connection, each to the p11-kit server's socket."""
+        one forked child per connection, each to the p11-kit server's socket. TCP_NODELAY
+        on both ends: p11-kit writes a message in pieces, and Nagle + delayed ACKs
+        otherwise add 40 ms to some calls."""
+        if self.cert is None:
+            self.cert, self.key = self.pki.server(self.name, self.ip)
         self.tunnel = _start(self._ns([
-            SOCAT, f"OPENSSL-LISTEN:{self.port},bind={self.ip},reuseaddr,fork,"
+            SOCAT, f"OPENSSL-LISTEN:{self.port},bind={self.ip},reuseaddr,fork,nodelay,"
                    f"cert={self.cert},key={self.key},cafile={self.pki.ca},verify=1",
             f"UNIX-CONNECT:{self.socket}"]), self.dir / "tunnel.log")
-        _wait_listening(tcp=(self.ip, self.port), netns=self.netns)
+        wait_listening(tcp=(self.ip, self.port), netns=self.netns)
 
     def kill_tunnel(self):
         """The TLS listener and every connection through it, gone (peers see a reset)."""
@@ -258,6 +273,8 @@ class Host:
                 pass
         _killpg(self.tunnel)
         _killpg(self.server)
+        for p in self.procs:
+            _killpg(p)
         if self.netns:
             run([IP, "link", "del", self.veth], check=False)
             run([IP, "netns", "del", self.netns], check=False)
@@ -285,9 +302,10 @@ class LocalEnd:
         self.proc = _start([
             SOCAT, f"UNIX-LISTEN:{self.path},fork,unlink-early,mode=600",
             f"OPENSSL:{self.host.ip}:{self.host.port},cert={self.cert},key={self.key},"
-            f"cafile={self.pki.ca},verify=1,commonname={self.host.name},connect-timeout=2"],
+            f"cafile={self.pki.ca},verify=1,commonname={self.host.name},connect-timeout=2,"
+            "nodelay"],
             self.dir / "socat.log")
-        _wait_listening(path=self.path)
+        wait_listening(path=self.path)
 
     def close(self):
         _killpg(self.proc)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,3 +144,145 @@ def test_cut_and_stalled_links_fail_over_and_recover(hosts):
     # a reset link fails at once; silent ones at the command timeout (2 s) + a probe
     assert seen[0]["detected_s"] < 2.5, seen
     assert all(s["detected_s"] < 8 for s in seen), seen
+
+
+# ---------------------------------------------------------------------------------------
+# docs/remote-members.md, followed as written
+DOC = Path(__file__).resolve().parent.parent / "docs" / "remote-members.md"
+REPO = DOC.parent.parent
+
+
+def doc_blocks() -> dict[str, str]:
+    """The doc's ```sh blocks, by the tag on their first line (``# [tag]``)."""
+    blocks, text = {}, DOC.read_text()
+    parts = text.split("```sh\n")[1:]
+    for p in parts:
+        body = p.split("```", 1)[0]
+        first = body.splitlines()[0].strip()
+        assert first.startswith("# [") and first.endswith("]"), first
+        blocks[first[3:-1]] = body
+    return blocks
+
+
+def parse_unit(path: Path) -> dict:
+    """The [Service] keys of a systemd unit (repeated keys as lists)."""
+    svc, section = {}, None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif "=" in line and section == "[Service]":
+            k, v = line.split("=", 1)
+            svc.setdefault(k, []).append(v)
+    return svc
+
+
+def start_unit(unit: Path, base: Path, host: Host | None = None):
+    """What systemd does for these units: RuntimeDirectory (with its mode), Environment,
+    then ExecStart (on the HSM host: in its namespace). User= is this test's own (root)."""
+    import shlex
+    import stat as st_
+    svc = parse_unit(unit)
+    assert svc["User"][0] == "root", "the test runs the units as root"
+    for d in svc.get("RuntimeDirectory", []):
+        path = Path("/run") / d
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, int(svc.get("RuntimeDirectoryMode", ["0755"])[0], 8))
+    env = dict(os.environ)
+    for e in svc.get("Environment", []):
+        k, v = e.split("=", 1)
+        env[k] = v
+    cmd = shlex.split(svc["ExecStart"][0])
+    log = base / (unit.stem + ".log")
+    if host is not None:
+        return host.run_in(cmd, log, env)
+    from tests.netns import _start
+    return _start(cmd, log, env)
+
+
+def test_docs_as_written(tmp_path):
+    from tests.netns import wait_listening
+    blocks = doc_blocks()
+    for tag in ("site", "ca", "hsm-host", "hsm-host: start", "app-host", "app-host: start",
+                "app-host: hashim"):
+        assert tag in blocks, f"docs/remote-members.md lost its [{tag}] block"
+    for tag in ("hsm-host: start", "app-host: start"):     # systemd, done by start_unit here
+        assert all(l.startswith(("#", "systemctl ")) or not l.strip()
+                   for l in blocks[tag].splitlines()), blocks[tag]
+
+    local = softhsm.make_token(tmp_path / "tokens", "local")
+    far = softhsm.make_token(tmp_path / "tokens", "doc-b")
+    priv, pub = make_signing_key(tmp_path)
+    for t in (local, far):
+        import_key(t, priv)
+    why = why_no_netns()
+    host = Host(tmp_path, "hsm-doc", 5, far, None, use_netns=why == "")
+    tag = os.getpid()
+    sock_dir, app_dir = f"/run/hashim-doc-{tag}", f"/run/hashim-doc-tunnel-{tag}"
+    site = {"HSM_NAME": "hsm-doc.test", "HSM_ADDR": host.ip, "PORT": str(host.port),
+            "TOKEN": far.label, "MODULE": far.lib, "MODULE_ENV": f"SOFTHSM2_CONF={far.conf}",
+            "HSM_USER": "root", "APP_USER": "root", "APP_NAME": "app-doc.test",
+            "MEMBER": "hsm-b", "PKI": str(tmp_path / "pki"), "UNITS": str(tmp_path / "units"),
+            "SOCK_DIR": sock_dir, "APP_SOCK_DIR": app_dir}
+    (tmp_path / "units").mkdir()
+    import shlex
+    overrides = "".join(f"{k}={shlex.quote(v)}\n" for k, v in site.items())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "hashim").write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "
+                                    "-m shim.cli \"$@\"\n")
+    os.chmod(bin_dir / "hashim", 0o755)
+    procs = []
+    try:
+        host.start_network()
+        script = ("set -euo pipefail\n" + blocks["site"] + overrides + blocks["ca"]
+                  + blocks["hsm-host"] + blocks["app-host"])
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                           cwd=str(tmp_path), timeout=60)
+        assert r.returncode == 0, r.stderr
+        units = tmp_path / "units"
+        procs.append(start_unit(units / "hashim-p11kit.service", tmp_path, host))
+        wait_listening(path=f"{sock_dir}/pkcs11.sock")
+        procs.append(start_unit(units / "hashim-tls.service", tmp_path, host))
+        wait_listening(tcp=(None, host.port), netns=host.netns)
+        procs.append(start_unit(units / f"hashim-tunnel-{far.label}.service", tmp_path))
+        wait_listening(path=f"{app_dir}/p11.sock")
+        assert os.stat(sock_dir).st_mode & 0o777 == 0o700
+        assert os.stat(app_dir).st_mode & 0o777 == 0o700
+        assert os.stat(f"{app_dir}/p11.sock").st_mode & 0o777 == 0o600
+
+        # a group with one local member; the doc's commands add the remote one
+        state = tmp_path / "state"
+        conf = write_config(tmp_path / "hashim.toml",
+                            [MemberSpec("local", local.lib, "local", local.env)],
+                            label="ha-doc", state_dir=str(state), log=str(tmp_path / "ha.log"),
+                            **FAST)
+        domain_init(conf)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HASHIM_")}
+        env.update(PATH=f"{bin_dir}:{env['PATH']}", HASHIM_CONF=str(conf),
+                   HASHIM_PIN=softhsm.PIN, HASHIM_SO_PIN=softhsm.SO_PIN)
+        r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + blocks["site"] + overrides
+                            + blocks["app-host: hashim"]], capture_output=True, text=True,
+                           env=env, stdin=subprocess.DEVNULL, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert 'name = "hsm-b"' in conf.read_text()
+
+        app = Signer.start(tmp_path / "app", conf, hashim_module(), "ha-doc", pub, threads=4)
+        try:
+            app.wait_signing(300)
+            assert member_status(state, app.pid, "hsm-b").get("kind") == "remote"
+            wait_for(lambda: (member_status(state, app.pid, "hsm-b").get("served") or 0) > 20,
+                     20, "the remote member serving")
+        finally:
+            res = app.finish()
+        assert res["errors"] == [] and res["returncode"] == 0, (res, app.output())
+        print(f"\ndocs/remote-members.md followed as written "
+              f"({'network namespace' if host.netns else 'loopback: ' + why}): "
+              f"{res['ok']} signatures through a local and a remote member, 0 errors")
+    finally:
+        from tests.netns import _killpg
+        for p in procs:
+            _killpg(p)
+        host.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(app_dir, ignore_errors=True)
