@@ -12,7 +12,23 @@ through hashim; "the removed member's token is no longer touched" is read from t
 emulated HSM's per-process call counters (tests/fixtures/emuhsm.c).
 
 Complements tests/test_cli.py (parsing, config edits and their one-line errors, without
-modules) and tests/test_domain.py (domain key commands).
+modules) and tests/test_domain.py (domain key commands, the new-member check).
+
+What a running application observed (see the tests):
+* replacing the primary under 4 signing threads: no error, the new member serves
+  signatures within a second of joining, the removed emulated HSM gets no call after
+  "member 'old' left the group" (its C_Finalize is the last one);
+* ``ha-only --disable``: C_GetSlotList of the running application lists the member slots
+  (HA slot 0, members 1..n in configured order) at once; removing a member RENUMBERS the
+  member slots after it (slot 2 was b, becomes c), a session already open on a member slot
+  stays with its member; ``--enable`` refuses new sessions there (CKR_SLOT_ID_INVALID) but
+  the open one keeps working;
+* a config file that does not validate is logged ("configuration change ignored") and the
+  module goes on with the one it had;
+* engine bugs, as xfail tests: an idle session is stuck with CKR_OPERATION_ACTIVE after the
+  member of its last (fast-path) operation left; a key generated while the group had one
+  member can never be copied to a member added later; recovery settings changed while the
+  module runs do not reach its supervisor.
 """
 from __future__ import annotations
 
@@ -743,3 +759,125 @@ def test_key_made_while_the_group_had_one_member_reaches_the_new_member(tmp_path
     assert "copied private key 'k-solo' to b" in r.stdout.splitlines(), r.stdout
     assert r.returncode == 0, r.stdout
     assert (K.CKO_PRIVATE_KEY, "k-solo") in labels(b.objects())
+
+
+# =========================================================================== settings
+def member_view(g: Group, name: str) -> dict:
+    return next(m for m in status_json(g)["members"] if m["name"] == name)
+
+
+def test_recovery_settings_reach_a_running_module(tmp_path):
+    """``group set recovery_attempts`` / ``recovery_interval`` while a member is down in a
+    running application: the status shows the new attempt limit at once; after ``hashim
+    recover`` fails, the next attempt should come within the NEW interval."""
+    g = build_group(tmp_path / "g", [("e0", True), ("e1", True)])
+    e0, e1 = g.members
+    g.run_py(MAKE_KEYS, [("ec", "ks")])
+    app = App(g)
+    try:
+        assert app.ask(op="sign", label="ks") == {"rv": "CKR_OK"}
+        mark = len(g.log_text())
+        e1.set_control(fault="device_error")
+        wait_log(g, "member 'e1': recovering -> token not present", after=mark)
+        v = wait_for(lambda: (lambda v: v if v["state"] == "token not present" else None)(
+            member_view(g, "e1")), 5, "e1 'token not present' in the status")
+        assert v["recovery"]["attempt"] == 1 and v["recovery"]["of"] == 3, v
+        assert v["recovery"]["next_in_s"] > 50, v             # recovery_interval = 60 s
+        assert app.ask(op="sign", label="ks") == {"rv": "CKR_OK"}
+
+        def cli(*argv):
+            mark = len(g.log_text())
+            r = g.hashim(*argv)
+            assert r.returncode == 0 and r.stderr == "", r.stderr
+            wait_log(g, "configuration reloaded", after=mark)
+            return r.stdout, g.log_text()[mark:]
+
+        out, log = cli("group", "set", "recovery_attempts", "unlimited")
+        assert out == f"recovery_attempts = unlimited in group 'admin-ha' ({g.conf})\n"
+        assert "changed recovery_attempts" in log
+        assert wait_for(lambda: member_view(g, "e1")["recovery"]["of"] is None, 5,
+                        "the unlimited attempts in the status")
+        out, log = cli("group", "set", "recovery_interval", "5")
+        assert out == f"recovery_interval = 5.0 in group 'admin-ha' ({g.conf})\n"
+        assert "changed recovery_interval" in log
+
+        # an attempt now (it fails: the fault is still on); the next one is scheduled
+        r = g.hashim("recover", "e1", "--wait", "10")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        after = wait_for(lambda: (lambda v: v if v["state"] == "token not present" else None)(
+            member_view(g, "e1")), 5, "e1 'token not present' in the status")["recovery"]
+        # the member comes back when it is healthy again
+        e1.set_control()
+        r = g.hashim("recover", "e1", "--wait", "10")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert member_view(g, "e1")["state"] == "online"
+        assert app.ask(op="sign", label="ks") == {"rv": "CKR_OK"}
+    finally:
+        app.close()
+    if after["next_in_s"] is None or after["next_in_s"] > 6:
+        pytest.xfail("engine bug: the supervisor keeps the settings it started with "
+                     "(shim/engine/supervisor.py: self.s = group.settings, read for "
+                     "recovery_interval, recovery_attempts, heartbeat_interval, "
+                     "command_timeout; live reconfiguration replaces g.settings): after the "
+                     f"change to 5 s the next attempt was due in {after['next_in_s']} s")
+
+
+# =========================================================================== writers and bad input
+def test_concurrent_writers_are_serialised_and_a_held_lock_is_refused(tmp_path):
+    """Eight ``hashim group`` commands started at once all succeed, one after the other
+    (fcntl lock), and every change is in the file; a writer that finds the lock held for
+    10 s gives up with exit 2 and writes nothing."""
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"\x7fELF")
+    conf = tmp_path / "hashim.toml"
+    conf.write_text(f'# ops\n[group]\nlabel = "race"\n\n[[member]]\nname = "m0"\n'
+                    f'module = "{lib}"\ntoken_label = "m0"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HASHIM_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["HASHIM_CONF"] = str(conf)
+    cmds = [["group", "set", "command_timeout", "30"], ["group", "set", "recovery_interval", "7"],
+            ["group", "set", "label", "race-2"], ["group", "ha-only", "--disable"]]
+    cmds += [["group", "add-member", f"m{i}", "--module", str(lib), "--token-label", f"m{i}",
+              "--no-check"] for i in range(1, 5)]
+    procs = [subprocess.Popen([sys.executable, "-m", "shim.cli", *c], env=env, cwd=str(REPO),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    outs = [(p.wait(60), *p.communicate()) for p in procs]
+    assert [o[0] for o in outs] == [0] * 8, outs
+    from shim import config as cfg
+    c = cfg.load(str(conf), check_files=False)
+    assert (c.group.command_timeout, c.group.recovery_interval, c.group.label,
+            c.group.ha_only) == (30.0, 7.0, "race-2", False)
+    assert sorted(c.member_names) == ["m0", "m1", "m2", "m3", "m4"]
+    assert conf.read_text().startswith("# ops\n")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["hashim.toml", "hashim.toml.lock",
+                                                          "libfake.so"]
+
+    import fcntl
+    before = conf.read_text()
+    with open(str(conf) + ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "shim.cli", "group", "set", "label", "x"],
+                           env=env, cwd=str(REPO), capture_output=True, text=True, timeout=60)
+        waited = time.monotonic() - t0
+    assert r.returncode == 2 and r.stdout == ""
+    assert one_line(r.stderr) == (f"hashim: {conf}: another hashim command is editing it "
+                                  f"(lock {conf}.lock held for 10 s); wait for it to finish "
+                                  "and try again")
+    assert 9 < waited < 30 and conf.read_text() == before
+
+
+def test_add_member_refuses_a_file_that_is_not_a_pkcs11_module(tmp_path):
+    """Exit 1, one line naming the file, the config unchanged."""
+    g = build_group(tmp_path / "g", [("a", False)], domain=False)
+    bogus = tmp_path / "libnot-pkcs11.so"
+    bogus.write_text("not a shared library\n")
+    before = g.conf.read_text()
+    r = hashim_cli(g.conf, "group", "add-member", "x", "--module", str(bogus),
+                   "--token-label", "x", pin=PIN)
+    assert r.returncode == 1 and r.stdout == ""
+    err = one_line(r.stderr)
+    assert err.startswith("hashim: member 'x' not added: ") and str(bogus) in err, err
+    assert err.endswith("(fix it, or add it anyway with --no-check)")
+    assert g.conf.read_text() == before
