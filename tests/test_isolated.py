@@ -171,9 +171,12 @@ def test_hang_of_isolated_member_kills_its_child(tmp_path):
         r = app.finish()
     assert r["errors"] == [], r["errors"][:5]
     assert r["returncode"] == 0, app.output()
-    # command_timeout 2 s (+ heartbeat slices and a probe): failed in time, not hung forever
+    # command_timeout 2 s (+ heartbeat slices and a probe): failed in time, not hung
+    # forever; the child killed as the member failed (the supervisor's terminate_child);
+    # no application call waited much longer than the command timeout
     assert t_failed < 6, t_failed
-    assert r["max_ms"] < 8000, r["max_ms"]
+    assert t_killed - t_failed < 1.5, (t_failed, t_killed)
+    assert r["max_ms"] < 4000, r["max_ms"]
     assert "no answer" in s.log_text() or "abandoned" in s.log_text(), s.log_text()[-3000:]
     print(f"\nhang: failed after {t_failed:.1f} s, child killed after {t_killed:.1f} s, "
           f"{r['ok']} signatures, 0 errors, longest call {r['max_ms']:.0f} ms")

@@ -545,6 +545,7 @@ def start_member(m):
     serial, open the anchor session. Raises P11Error; leaves nothing running then."""
     n = m.__dict__.get("rpc_starts", 0) + 1
     m.rpc_starts = n
+    terminate(m)                        # a start without a stop leaves nothing behind
     m.child = m.connection = None
     if m.kind == "isolated":
         base = os.path.join(os.path.dirname(m.cache_dir), "members")
@@ -613,6 +614,14 @@ def stop_member(m):
     terminate(m)
 
 
+def endpoint(m) -> dict:
+    """For status: an isolated member's child pid and socket address, a remote member's
+    address (None where not applicable)."""
+    child = m.__dict__.get("child")
+    return {"pid": child.pid if child is not None and child.alive() else None,
+            "address": m.__dict__.get("address")}
+
+
 def terminate(m):
     """Kill an isolated member's child (its whole process group) / cut a remote
     member's connection: every call stuck in the member returns at once (the client
@@ -625,5 +634,5 @@ def terminate(m):
         conn.cut()
 
 
-__all__ = ["Child", "Connection", "start_member", "stop_member", "terminate", "CLIENT_MODULE", "instance_name", "discard_copy",
+__all__ = ["Child", "Connection", "start_member", "stop_member", "terminate", "endpoint", "CLIENT_MODULE", "instance_name", "discard_copy",
            "address_path", "unix_address", "open_fds", "CONNECT_TIMEOUT", "STOP_TIMEOUT"]
