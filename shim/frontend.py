@@ -349,6 +349,9 @@ def C_CopyObject(g, hSession, hObject, pTemplate, ulCount, phNewObject):
                               lambda m, o: (g.handle(hObject, m), t, ulCount, o))
     if rv == OK:
         phNewObject[0] = vhs[0]
+        intent = g.replicator.intent(hObject)
+        if intent is not None:              # a copy keeps what the application asked
+            g.replicator.record_intent(vs, vhs[0], intent)
     return rv
 
 
@@ -442,8 +445,9 @@ def C_FindObjectsInit(g, hSession, pTemplate, ulCount):
         except MemberDown:
             continue
         first = False
+        claimed = set()
         for mh in handles:
-            vh = g.map_found(m, mh, ms)
+            vh = g.map_found(m, mh, ms, claimed)
             if vh is not None and vh not in seen:
                 seen.add(vh)
                 found.append(vh)

@@ -199,14 +199,16 @@ class Group:
             return CK_INVALID_HANDLE
         if session is None:
             with m.lock:
-                found = mo.find(m, m.anchor, info.search, limit=2)
+                found = mo.find(m, m.anchor, info.search)
         else:
-            found = mo.find(m, session, info.search, limit=2)
-        if len(found) != 1:
+            found = mo.find(m, session, info.search)
+        taken = self.objects.to_virtual.get(m.name, {})
+        free = [mh for mh in found if mh not in taken]
+        if not free or (len(free) > 1 and not info.strong):
             self.absent.add((vh, m.name))
             return CK_INVALID_HANDLE
-        self.objects.link(vh, m.name, found[0])
-        return found[0]
+        self.objects.link(vh, m.name, free[0])
+        return free[0]
 
     def describe(self, vh):
         info = self.info.get(vh)
@@ -468,6 +470,8 @@ class Group:
                 continue
         if rv != OK:
             return rv
+        self.objects.forget_member_handles()    # private objects get new handles
+        self.absent.clear()
         with self.lock:
             self.login = user
             self._wipe_pin()
@@ -510,6 +514,8 @@ class Group:
                         pass
         self.login = None
         self._wipe_pin()
+        self.objects.forget_member_handles()
+        self.absent.clear()
 
     def _wipe_pin(self):
         if self._pin is not None:
@@ -537,31 +543,31 @@ class Group:
         return rv
 
     # ---- objects: first sight, creation everywhere, operations replayed ----------
-    def map_found(self, m, mh, session):
-        """The virtual handle of an object a member returned (None: hashim's own,
-        hidden). Objects are matched across members by identity."""
+    def map_found(self, m, mh, session, claimed):
+        """The virtual handle of an object a member returned in a search (None:
+        hashim's own, hidden). Objects are matched across members by identity; within
+        one search each virtual handle is given to one object of a member
+        (``claimed``), so identical objects stay distinct."""
         vh = self.objects.to_virtual.get(m.name, {}).get(mh)
-        if vh is not None:
-            return None if vh in self.hidden else vh
-        info = describe(m, session, mh)
-        vh = self.objects.by_fingerprint.get(info.fingerprint)
-        if vh is not None and m.name not in self.objects.holders(vh):
-            self.objects.link(vh, m.name, mh)
-        else:
-            vh = self.objects.virtual(m.name, mh)
-            self.objects.by_fingerprint.setdefault(info.fingerprint, vh)
-        self.info.setdefault(vh, info)
-        if info.internal:
-            self.hidden.add(vh)
-            return None
-        return vh
+        if vh is None or vh in claimed:
+            info = describe(m, session, mh)
+            vh = next((v for v in self.objects.same_identity(info.fingerprint)
+                       if v not in claimed), None)
+            if vh is None:
+                vh = self.objects.new(m.name, mh, info.fingerprint)
+            else:
+                self.objects.link(vh, m.name, mh)
+            self.info.setdefault(vh, info)
+            if info.internal:
+                self.hidden.add(vh)
+        claimed.add(vh)
+        return None if vh in self.hidden else vh
 
     def adopt(self, vs, m, mh):
         """A new object made through the HA slot on member ``m``."""
-        vh = self.objects.virtual(m.name, mh)
         info = describe(m, self.member_session(vs, m), mh)
+        vh = self.objects.new(m.name, mh, info.fingerprint)
         self.info[vh] = info
-        self.objects.by_fingerprint[info.fingerprint] = vh
         if not info.token:
             self.objects.mark_session_object(vs.handle, vh)
         self.replicator.tombstones.discard(info.fingerprint)

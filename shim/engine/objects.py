@@ -1,5 +1,11 @@
 """Virtual object handles: the application sees one handle per object; each maps to
-the handle of the same object on every member that holds it."""
+the handle of the same object on every member that holds it.
+
+Objects are matched across members by identity (engine/identity.py). Several objects
+may share one identity (two identical data objects): the fingerprint index keeps a
+list, and a search hands each member's objects to distinct virtual handles. Member
+handles are forgotten when they may have changed (a logout: SoftHSM2 renumbers private
+objects; a member restart) and found again by identity when next needed."""
 from __future__ import annotations
 
 import itertools
@@ -14,21 +20,34 @@ class HandleMap:
         self._lock = threading.Lock()
         self.to_member: dict[int, dict[str, int]] = {}     # vh -> {member: mh}
         self.to_virtual: dict[str, dict[int, int]] = {}    # member -> {mh: vh}
-        self.by_fingerprint: dict[str, int] = {}           # identity -> vh
+        self.fingerprint: dict[int, str] = {}              # vh -> identity
+        self.by_fingerprint: dict[str, list[int]] = {}     # identity -> vhs
         self.session_objects: dict[int, set[int]] = {}     # virtual session -> vhs
+
+    def new(self, member: str, mh: int, fingerprint: str | None = None) -> int:
+        """A new virtual handle for member object ``mh``."""
+        with self._lock:
+            vh = next(self._next)
+            self.to_member[vh] = {}
+        self.link(vh, member, mh)
+        if fingerprint is not None:
+            self.identify(vh, fingerprint)
+        return vh
 
     def virtual(self, member: str, mh: int) -> int:
         """The virtual handle of member object ``mh`` (made on first sight)."""
-        byv = self.to_virtual.setdefault(member, {})
-        vh = byv.get(mh)
-        if vh is None:
-            with self._lock:
-                vh = byv.get(mh)
-                if vh is None:
-                    vh = next(self._next)
-                    byv[mh] = vh
-                    self.to_member[vh] = {member: mh}
-        return vh
+        vh = self.to_virtual.get(member, {}).get(mh)
+        return vh if vh is not None else self.new(member, mh)
+
+    def identify(self, vh: int, fingerprint: str):
+        with self._lock:
+            if self.fingerprint.get(vh) == fingerprint:
+                return
+            self.fingerprint[vh] = fingerprint
+            self.by_fingerprint.setdefault(fingerprint, []).append(vh)
+
+    def same_identity(self, fingerprint: str) -> list[int]:
+        return self.by_fingerprint.get(fingerprint, [])
 
     def member(self, vh: int, member: str) -> int:
         """The member's handle for ``vh``; CK_INVALID_HANDLE when unknown, so that
@@ -42,17 +61,29 @@ class HandleMap:
         return self.to_member.get(vh, {})
 
     def link(self, vh: int, member: str, mh: int):
+        """``mh`` is ``vh`` on ``member`` (replacing what either meant before)."""
         with self._lock:
-            self.to_member.setdefault(vh, {})[member] = mh
-            self.to_virtual.setdefault(member, {})[mh] = vh
+            byv = self.to_virtual.setdefault(member, {})
+            old_mh = self.to_member.setdefault(vh, {}).get(member)
+            if old_mh is not None and byv.get(old_mh) == vh:
+                del byv[old_mh]
+            old_vh = byv.get(mh)
+            if old_vh is not None and old_vh != vh:
+                self.to_member.get(old_vh, {}).pop(member, None)
+            byv[mh] = vh
+            self.to_member[vh][member] = mh
 
     def forget(self, vh: int):
         with self._lock:
-            for fp, v in list(self.by_fingerprint.items()):
-                if v == vh:
-                    del self.by_fingerprint[fp]
             for member, mh in self.to_member.pop(vh, {}).items():
                 self.to_virtual.get(member, {}).pop(mh, None)
+            fp = self.fingerprint.pop(vh, None)
+            if fp is not None:
+                same = self.by_fingerprint.get(fp, [])
+                if vh in same:
+                    same.remove(vh)
+                if not same:
+                    self.by_fingerprint.pop(fp, None)
 
     def mark_session_object(self, session: int, vh: int):
         self.session_objects.setdefault(session, set()).add(vh)
@@ -65,3 +96,11 @@ class HandleMap:
         with self._lock:
             for mh, vh in self.to_virtual.pop(member, {}).items():
                 self.to_member.get(vh, {}).pop(member, None)
+
+    def forget_member_handles(self):
+        """Every member handle may have changed: keep the virtual handles and their
+        identities, find the member objects again when next needed."""
+        with self._lock:
+            self.to_virtual.clear()
+            for holders in self.to_member.values():
+                holders.clear()

@@ -246,9 +246,6 @@ class Replicator:
                               m.name, e)
                     continue
                 copied.append((m.name, info))
-                vh = g.objects.by_fingerprint.get(fp)
-                if vh is not None:
-                    g.objects.link(vh, m.name, mh)
         for name, info in copied:
             log.info("sync: copied %s to member '%s'", describe_label(info), name)
         for name, info in removed:
