@@ -881,11 +881,6 @@ emit({"errors": errors})
         assert not missing, (m.name, missing)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: identical objects (same identifying "
-                   "attributes and value) held twice by every member are shown once per "
-                   "member plus once (4 instead of 2 with 3 members) by a process that did "
-                   "not create them (Group.map_found makes a new virtual handle for each "
-                   "further copy on each member)")
 def test_identical_objects_found_as_often_as_on_a_single_token(group3):
     ha(group3, r'''
 p, slot, s = connect(MODULE, LABEL)
@@ -983,10 +978,6 @@ emit({"pid": os.getpid(), "point": attr(p, s, pub, K.CKA_EC_POINT).hex(), "sigs"
     assert "11112222" not in log
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: after C_Logout + C_Login in one process a "
-                   "private object is found once per member (3 instead of 1): SoftHSM2 gives "
-                   "private objects new handles after a logout and Group.map_found makes a "
-                   "new virtual handle for each instead of replacing the stale member handle")
 def test_relogin_finds_each_object_once(group3):
     out = ha(group3, r'''
 p, slot, s = connect(MODULE, LABEL)
@@ -1001,11 +992,6 @@ emit(r)
     assert out == [1, 0, 1]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a C_CopyObject copy of a key the "
-                   "application made non-extractable is reported CKA_EXTRACTABLE=TRUE and "
-                   "CKA_WRAP_WITH_TRUSTED=TRUE through the HA slot and C_WrapKey of it answers "
-                   "CKR_KEY_NOT_WRAPPABLE, not CKR_KEY_UNEXTRACTABLE (the intent is not "
-                   "carried over to copies)")
 def test_copy_of_a_non_extractable_key_stays_non_extractable(group3):
     out = ha(group3, r'''
 p, slot, s = connect(MODULE, LABEL)
