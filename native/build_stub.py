@@ -266,10 +266,11 @@ def fast_wrapper(f) -> str:
         after = f"hashim_route_mark({names[0]}, {k}, {ENDED});"
     else:
         after = ""
+    get = "hashim_route_pick" if shape == "random" else "hashim_route_get"
     return (f"CK_RV {f.name}({f.c_params})\n{{\n"
             f"    struct hashim_route r;\n"
             f"    if (!hashim_ready()) return hashim_down_rv;\n"
-            f"    if ({checks} && hashim_route_get({names[0]}, {k}, &r)) {{\n"
+            f"    if ({checks} && {get}({names[0]}, {k}, &r)) {{\n"
             f"        hashim_fast_begin(&r);\n"
             f"        CK_RV rv = r.fl->{f.name}({member_args});\n"
             f"        hashim_fast_end(&r);\n"
@@ -296,7 +297,7 @@ def init_wrapper(f) -> str:
             f"        CK_RV rv = r.fl->{f.name}({member_args});\n"
             f"        hashim_fast_end(&r);\n"
             f"        if (rv == 0) {{\n"
-            f"            hashim_route_mark({names[0]}, {k}, {ACTIVE});\n"
+            f"            hashim_route_rebind({names[0]}, {k}, &r);\n"
             f"            return rv;\n"
             f"        }}\n"
             f"        if (!hashim_device_level(rv))\n"
@@ -323,6 +324,9 @@ def python_cdef() -> str:
     lines.append("int hashim_route_state(CK_SESSION_HANDLE vh, int kind);")
     lines.append("void hashim_route_end(CK_SESSION_HANDLE vh, int kind);")
     lines.append("void hashim_route_multipart(CK_SESSION_HANDLE vh, int kind);")
+    lines.append("void hashim_route_alternatives(CK_SESSION_HANDLE vh, int kind, int n, "
+                 "int *members, void **fls, CK_SESSION_HANDLE *mhs, CK_OBJECT_HANDLE *mkeys);")
+    lines.append("int hashim_route_member(CK_SESSION_HANDLE vh, int kind);")
     lines.append("void hashim_member_set_up(int member, int up);")
     lines.append("void hashim_member_stats(int member, long *inflight, unsigned long *served, "
                  "long long *idle_ns);")

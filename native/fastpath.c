@@ -14,11 +14,20 @@
 #define HASHIM_R_DROPPED 4             /* member went down: the engine takes over */
 #define HASHIM_R_DROPPED_MULTIPART 5
 
+#define HASHIM_ALTS 8
+struct hashim_alt {                        /* a member the operation may start on */
+    CK_FUNCTION_LIST *fl;
+    CK_SESSION_HANDLE mh;
+    CK_OBJECT_HANDLE mkey;
+    int member;
+};
 struct hashim_route {
     CK_FUNCTION_LIST *fl;
     CK_SESSION_HANDLE mh;
     int member;
     int state;
+    int nalt;
+    struct hashim_alt alt[HASHIM_ALTS];
     /* how the operation was started, for starting it again (see INIT_FAST) */
     int reinit;
     CK_MECHANISM_TYPE mech;
@@ -63,8 +72,51 @@ static inline int hashim_route_get(CK_SESSION_HANDLE vh, int kind, struct hashim
     return __atomic_load_n(&hashim_member_up[out->member], __ATOMIC_ACQUIRE);
 }
 
+static unsigned hashim_rotation;
+
+/* The least busy member among the route's alternatives (ties rotate), or -1. */
+static inline int hashim_pick_alt(struct hashim_route *r)
+{
+    int n = r->nalt, i, best = -1;
+    long best_load = 0;
+    if (n <= 0) return -1;
+    unsigned start = __atomic_fetch_add(&hashim_rotation, 1, __ATOMIC_RELAXED);
+    for (i = 0; i < n; i++) {
+        int j = (int)((start + (unsigned)i) % (unsigned)n);
+        int mb = r->alt[j].member;
+        if (!__atomic_load_n(&hashim_member_up[mb], __ATOMIC_ACQUIRE))
+            continue;
+        long load = __atomic_load_n(&hashim_inflight[mb], __ATOMIC_RELAXED);
+        if (best < 0 || load < best_load) {
+            best = j;
+            best_load = load;
+        }
+    }
+    return best;
+}
+
+/* A command with no operation state (C_GenerateRandom, C_SeedRandom): on the least
+   busy of the session's members. */
+static inline int hashim_route_pick(CK_SESSION_HANDLE vh, int kind, struct hashim_route *out)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh || vh == 0)
+        return 0;
+    struct hashim_route *r = &e->r[kind];
+    if (__atomic_load_n(&r->state, __ATOMIC_ACQUIRE) != HASHIM_R_ACTIVE)
+        return 0;
+    int j = hashim_pick_alt(r);
+    if (j < 0) return 0;
+    out->fl = r->alt[j].fl;
+    out->mh = r->alt[j].mh;
+    out->member = r->alt[j].member;
+    out->state = HASHIM_R_ACTIVE;
+    return 1;
+}
+
 /* The application starts again the operation that just ended in the fast path, the
-   same way: the route to use (its state is ENDED), else 0. */
+   same way: the route to use, on the least busy member that can (its state is
+   ENDED), else 0. */
 static inline int hashim_reinit_get(CK_SESSION_HANDLE vh, int kind, CK_MECHANISM *m,
                                     CK_OBJECT_HANDLE key, struct hashim_route *out)
 {
@@ -77,11 +129,23 @@ static inline int hashim_reinit_get(CK_SESSION_HANDLE vh, int kind, CK_MECHANISM
         return 0;
     if (r->plen && (!m->pParameter || memcmp(r->param, m->pParameter, r->plen) != 0))
         return 0;
-    out->fl = r->fl;
-    out->mh = r->mh;
-    out->member = r->member;
-    out->mkey = r->mkey;
-    return __atomic_load_n(&hashim_member_up[out->member], __ATOMIC_ACQUIRE);
+    int j = hashim_pick_alt(r);
+    if (j < 0) return 0;
+    out->fl = r->alt[j].fl;
+    out->mh = r->alt[j].mh;
+    out->member = r->alt[j].member;
+    out->mkey = r->alt[j].mkey;
+    return 1;
+}
+
+/* the operation now runs on ``chosen`` (after a successful re-init) */
+static inline void hashim_route_rebind(CK_SESSION_HANDLE vh, int kind, struct hashim_route *chosen)
+{
+    struct hashim_route *r = &hashim_entry_of(vh)->r[kind];
+    r->fl = chosen->fl;
+    r->mh = chosen->mh;
+    r->member = chosen->member;
+    __atomic_store_n(&r->state, HASHIM_R_ACTIVE, __ATOMIC_RELEASE);
 }
 
 static inline void hashim_route_mark(CK_SESSION_HANDLE vh, int kind, int state)
@@ -136,7 +200,35 @@ static void hashim_route_set(CK_SESSION_HANDLE vh, int kind, void *fl, CK_SESSIO
     e->r[kind].mh = mh;
     e->r[kind].member = member;
     e->r[kind].reinit = 0;
+    e->r[kind].nalt = 0;
     __atomic_store_n(&e->r[kind].state, HASHIM_R_ACTIVE, __ATOMIC_RELEASE);
+}
+
+/* where the operation may start again (after hashim_route_set) */
+static void hashim_route_alternatives(CK_SESSION_HANDLE vh, int kind, int n, int *members,
+                                      void **fls, CK_SESSION_HANDLE *mhs,
+                                      CK_OBJECT_HANDLE *mkeys)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    int i;
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh)
+        return;
+    struct hashim_route *r = &e->r[kind];
+    if (n > HASHIM_ALTS) n = HASHIM_ALTS;
+    for (i = 0; i < n; i++) {
+        r->alt[i].fl = (CK_FUNCTION_LIST *)fls[i];
+        r->alt[i].mh = mhs[i];
+        r->alt[i].mkey = mkeys[i];
+        r->alt[i].member = members[i];
+    }
+    r->nalt = n;
+}
+
+static int hashim_route_member(CK_SESSION_HANDLE vh, int kind)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh) return -1;
+    return e->r[kind].member;
 }
 
 /* how the active operation was started (call after hashim_route_set) */

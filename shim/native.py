@@ -7,6 +7,7 @@ from .spec.fastpath import KINDS
 ffi = None
 lib = None
 KIND = {k: i for i, k in enumerate(KINDS)}
+MEMBERS = {}          # fast-path member id -> Member (kept by the group)
 
 
 def attach(stub_ffi, stub_lib):
@@ -28,23 +29,44 @@ def route(vh: int, kind: str, member, mh: int):
     if lib is None or getattr(member, "index", None) is None or member.module is None \
             or member.handoff:      # calls handed to the worker pool stay supervised there
         return
+    lib.hashim_route_set(vh, KIND[kind], _fl(member), mh, member.index)
+
+
+def _fl(member):
+    """The member's function list as the stub takes it (cached per module instance)."""
     fl = member.__dict__.get("fl_void")
     if fl is None or member.__dict__.get("fl_of") is not member.module:
         from .members.module import ffi as mffi
         fl = member.fl_void = ffi.cast("void *", int(mffi.cast("uintptr_t", member.module.fl)))
         member.fl_of = member.module
-    lib.hashim_route_set(vh, KIND[kind], fl, mh, member.index)
+    return fl
+
+
+def alternatives(vh: int, kind: str, alts):
+    """Members (with the session's member session and the key's member handle) on
+    which the stub may start the routed operation again: the least busy one is taken
+    each time. ``alts``: [(member, member session, member key handle)]."""
+    alts = [a for a in alts if not a[0].handoff and a[0].index is not None][:8]
+    if lib is None or not alts:
+        return
+    n = len(alts)
+    lib.hashim_route_alternatives(
+        vh, KIND[kind], n, ffi.new("int[]", [a[0].index for a in alts]),
+        ffi.new("void *[]", [_fl(a[0]) for a in alts]),
+        ffi.new("CK_SESSION_HANDLE[]", [a[1] for a in alts]),
+        ffi.new("CK_OBJECT_HANDLE[]", [a[2] or 0 for a in alts]))
+
+
+def route_member(vh: int, kind: str) -> int:
+    return lib.hashim_route_member(vh, KIND[kind]) if lib is not None else -1
 
 
 def route_init(vh: int, kind: str, mech, vkey, mkey):
     """How the routed operation was started, so the stub may start it again by itself
     (only mechanisms whose parameter holds no pointers or handles)."""
-    from .spec.fastpath import INIT_PARAM_MAX
-    from .spec.mechanisms import HANDLE_PARAMS
-    raw = mech.raw or b""
-    if lib is None or mech.struct is not None or mech.type in HANDLE_PARAMS \
-            or len(raw) > INIT_PARAM_MAX:
+    if lib is None or not mech.repeatable:
         return
+    raw = mech.raw or b""
     lib.hashim_route_set_init(vh, KIND[kind], mech.type, raw, len(raw), vkey or 0, mkey or 0)
 
 

@@ -313,10 +313,6 @@ emit({"pid": os.getpid(), "point": attr(p, s, pub, K.CKA_EC_POINT).hex(), "error
     assert len(set(out["rsa"])) == 1          # deterministic: every member holds the same key
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the C fast path's re-init (INIT_FAST, "
-                   "commit b5a1fe8) and the 'random' route keep every repeated C_SignInit/"
-                   "C_Sign and C_GenerateRandom of a session on the member of its first "
-                   "call, instead of the least busy member with ties rotating per command")
 def test_one_session_commands_rotate_over_members(emu3):
     """Single-part commands of ONE session, one after the other (all members idle: a
     tie every time), rotate over the members."""

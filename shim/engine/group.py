@@ -49,6 +49,7 @@ class Group:
                         for m in config.members]
         for i, m in enumerate(self.members):
             m.index = i
+            native.MEMBERS[i] = m
         self.sessions = SessionTable()
         self.objects = HandleMap()
         self.info = {}                  # vh -> ObjectInfo
@@ -263,6 +264,20 @@ class Group:
         self._last_index = max([m.index for m in self.members if m.index is not None]
                                + [getattr(self, "_last_index", -1)]) + 1
         return self._last_index
+
+    def alternatives(self, vs, key):
+        """(member, member session, member key) of every online member that could run
+        an operation of ``vs`` on ``key``, for the stub's own scheduling."""
+        out = []
+        for m in ([self.lead(vs)] if vs.direct is not None else self.online):
+            if m.handoff or (key is not None and not self.holds(m, key)):
+                continue
+            try:
+                out.append((m, self.member_session(vs, m),
+                            0 if key is None else self.handle(key, m)))
+            except P11Error:
+                continue
+        return out
 
     @staticmethod
     def busy(m) -> int:
@@ -631,7 +646,10 @@ class Group:
                 p_mech = None
                 continue
             if rv == OK:
-                vs.begin(kind, Op(m, init, mech, key), mkey)
+                alts = self.alternatives(vs, key) if vs.fast and mech.repeatable else ()
+                vs.begin(kind, Op(m, init, mech, key), mkey, alts)
+                if alts and kind != "random":
+                    vs.route_random(m, vs.members[m.name], [a[:2] + (0,) for a in alts])
             return rv
 
     def replay_op(self, vs, kind, op):

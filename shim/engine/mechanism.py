@@ -67,6 +67,13 @@ class Mechanism:
             else:
                 self.raw = bytes(ffi.buffer(p.pParameter, n))
 
+    @property
+    def repeatable(self) -> bool:
+        """Can the stub start it again by itself (shim/spec/fastpath.py INIT_FAST)?"""
+        from ..spec.fastpath import INIT_PARAM_MAX
+        return self.struct is None and self.type not in HANDLE_PARAMS \
+            and len(self.raw or b"") <= INIT_PARAM_MAX
+
     def build(self, translate=None):
         """A CK_MECHANISM for a member (``translate``: virtual -> member handle). It
         stays valid until the next build of this mechanism."""

@@ -78,6 +78,7 @@ def apply(g, new):
             continue
         m = Member(mc, g.cache_dir, g._member_failed)
         m.index = g.next_index()
+        native.MEMBERS[m.index] = m
         g.members.append(m)
         added.append(m)
     order = [mc.name for mc in new.members]

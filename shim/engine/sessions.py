@@ -23,11 +23,14 @@ class VSession:
         self.lock = threading.Lock()
 
     # ---- operations: the engine's record, mirrored to the C fast path -----------
-    def begin(self, kind, op, member_key=0):
+    def begin(self, kind, op, member_key=0, alts=()):
+        """``alts``: where the stub may start the same operation again (see
+        native.alternatives); the operation's own member first."""
         self.ops[kind] = op
         if self.fast:
             native.route(self.handle, kind, op.member, self.members.get(op.member.name, 0))
             native.route_init(self.handle, kind, op.mech, op.key, member_key)
+            native.alternatives(self.handle, kind, alts)
 
     def end(self, kind):
         if self.ops.pop(kind, None) is not None and self.fast:
@@ -43,7 +46,10 @@ class VSession:
                 elif st in (MULTIPART, DROPPED_MULTIPART):
                     op.multipart = True
                 elif st == ACTIVE:            # the stub's record is the truth: it may
-                    op.multipart = False      # have started the operation again
+                    op.multipart = False      # have started the operation again,
+                    m = native.MEMBERS.get(native.route_member(self.handle, kind))
+                    if m is not None:         # on another member
+                        op.member = m
 
     def multipart(self, kind):
         """The operation took a part: from now on it cannot be replayed elsewhere."""
@@ -53,9 +59,10 @@ class VSession:
             if self.fast:
                 native.multipart(self.handle, kind)
 
-    def route_random(self, member, mh):
+    def route_random(self, member, mh, alts=None):
         if self.fast:
             native.route(self.handle, "random", member, mh)
+            native.alternatives(self.handle, "random", alts or [(member, mh, 0)])
 
     @property
     def rw(self) -> bool:
