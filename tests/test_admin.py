@@ -411,7 +411,10 @@ def test_replace_a_member_under_a_signing_workload(tmp_path):
     finally:
         w.kill()
 
-    assert res["errors"] == {}, res["errors"]
+    assert res["errors"] == {}, (
+        res["errors"], "CKR_OPERATION_ACTIVE at C_SignInit after the member left: see "
+        "test_an_idle_session_signs_again_after_its_member_left (engine bug)"
+        if any("CKR_OPERATION_ACTIVE" in e for e in res["errors"]) else "")
     assert sum(res["ok"]) > 1400 and all(res["ok"]), res["ok"]
     assert res["relogin"] == ["CKR_USER_ALREADY_LOGGED_IN"]
     assert set(res["states"]) == {K.CKS_RO_USER_FUNCTIONS}
