@@ -148,9 +148,9 @@ def synchronize_now(config, pin: bytearray, out=print) -> int:
         for m in g.members:
             try:
                 g.bring_up(m)          # not logged in yet: starts it, finds the domain key
-            except P11Error as e:
-                reason = e.reason or str(e)
-                if rv_name(e.rv) not in reason:
+            except Exception as e:  # noqa: BLE001 - reported, the others go on
+                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+                if isinstance(e, P11Error) and rv_name(e.rv) not in reason:
                     reason += f" ({rv_name(e.rv)})"
                 m.set_state(TOKEN_NOT_PRESENT, reason)
                 unreachable[m.name] = reason
@@ -196,6 +196,9 @@ def synchronize_now(config, pin: bytearray, out=print) -> int:
                 inv[m.name] = rep.inventory(m)
             except (P11Error, MemberDown) as e:
                 unreachable[m.name] = f"listing its objects failed ({e})"
+        for m in g.members:                      # failed during the synchronisation
+            if m.state != ONLINE and m.name not in unreachable:
+                unreachable[m.name] = f"failed ({m.last_error or m.state})"
         for name, objs in inv.items():
             for fp, (mh, info) in objs.items():
                 union.setdefault(fp, (name, info))
