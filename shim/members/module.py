@@ -27,7 +27,7 @@ ffi.cdef(cdef() + "CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionLi
 # The environment is process-wide: a member's variables are set only while its
 # module initialises (SoftHSM2 reads SOFTHSM2_CONF, p11-kit-client the server
 # address, in C_Initialize), one member at a time.
-_env_lock = threading.Lock()
+_env_lock = threading.RLock()     # re-entrant: load() may run inside initialize()
 
 
 class _Environment:
