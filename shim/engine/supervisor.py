@@ -23,8 +23,13 @@ Recovery (DESIGN.md "Recovery"):
   ``recovery_attempts`` failed attempts it is "given up" and left alone until
   ``hashim recover NAME`` (a request file in the state directory) asks for a new round;
 * an attempt waits (at most ``command_timeout``) for the calls still running on the
-  member to drain, finalises its module, then ``Group.bring_up``: initialise, find the
-  token, log in with the group's PIN, synchronise, back into rotation;
+  member to drain (abandoned ones included: member.abandoned), finalises its module,
+  then ``Group.bring_up``: initialise, find the token, log in with the group's PIN,
+  synchronise, back into rotation. An in-process module with calls still inside is not
+  finalised (undefined behaviour under a running call, and the late calls would land on
+  the next instance's sessions, which reuse the handle numbers): it is initialised again
+  as it is (CKR_CRYPTOKI_ALREADY_INITIALIZED) and new sessions are opened beside the old
+  ones, which are left open;
 * a new attempt never starts while an earlier one is still running (a module wedged in
   C_Finalize or C_Initialize keeps its member "recovering"; isolate such modules).
 
@@ -40,7 +45,7 @@ import time
 
 from ..errors import P11Error
 from ..members.member import (DEVICE_ERROR, DEVICE_LEVEL, GIVEN_UP, ONLINE, RECOVERING,
-                              TOKEN_NOT_PRESENT)
+                              TOKEN_NOT_PRESENT, abandoned)
 from ..members.module import ffi
 from ..errors import rv_name
 from . import status
@@ -211,12 +216,23 @@ class Supervisor:
                  f" of {limit}" if limit is not None else "")
         try:
             deadline = time.monotonic() + self.s.command_timeout
-            while m.calls and time.monotonic() < deadline:
+            while (m.calls or abandoned(m)) and time.monotonic() < deadline:
                 time.sleep(0.01)                   # let calls still inside drain
-            try:
-                m.stop()
-            except Exception:                      # noqa: BLE001
-                pass
+            inside = len(m.calls) + abandoned(m)
+            if inside and m.kind == "in process":
+                # Calls are still inside the module (hung, or abandoned after a
+                # timeout): finalising it under them is undefined behaviour, and a new
+                # instance would hand out the same session handles, on which those
+                # calls would land when they return. Restart without finalising: the
+                # old sessions stay open (and theirs), new ones are opened beside them.
+                log.warning("member '%s': %d call(s) still inside its module: restarting "
+                            "it without finalising it (their sessions are left open)",
+                            m.name, inside)
+            else:
+                try:
+                    m.stop()
+                except Exception:                  # noqa: BLE001
+                    pass
             self.g.bring_up(m)
             self.alive_at[m.name] = time.monotonic()
             log.info("member '%s': recovered (attempt %d)", m.name, attempt)

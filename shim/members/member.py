@@ -77,14 +77,229 @@ def _word(a, keep):
 RAW_TIMEOUT = float(os.environ.get("HASHIM_START_TIMEOUT", "60"))
 
 
+class _Reaper:
+    """Abandoned calls: a worker still runs each one inside its member's module. They
+    are waited for here, on one background thread, with their arguments kept alive
+    until they return (an engine-owned buffer must not be freed under a call that may
+    still read it), so that a member's restart can tell whether any of its calls is
+    still inside its module (``abandoned(member)``): finalising a module under a call,
+    or letting a late call land on a session of the next instance (same handle
+    numbers), would hurt whoever owns that session then."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.jobs = []              # [member, job, rv, keep-alive]
+        self.thread = None
+
+    def adopt(self, member, job, rv, keep):
+        with self.lock:
+            self.jobs.append((member, job, rv, keep))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="hashim-reaper",
+                                               daemon=True)
+                self.thread.start()
+
+    def count(self, member) -> int:
+        with self.lock:
+            return sum(1 for j in self.jobs if j[0] is member)
+
+    def run(self):
+        lib = native.lib
+        while True:
+            with self.lock:
+                jobs = list(self.jobs)
+                if not jobs:
+                    self.thread = None
+                    return
+            for item in jobs:
+                if lib.hashim_wait(item[1], 0.0, item[2]) != 0:    # returned: job freed
+                    with self.lock:
+                        self.jobs.remove(item)
+            time.sleep(WAIT_SLICE)
+
+    def after_fork(self):
+        self.lock = threading.Lock()
+        self.jobs = []              # the parent's workers: not ours
+        self.thread = None
+
+
+_reaper = _Reaper()
+os.register_at_fork(after_in_child=_reaper.after_fork)
+
+
+def abandoned(member) -> int:
+    """Calls given up on (failover) that are still running inside ``member``'s module."""
+    return _reaper.count(member)
+
+
+# ---- outputs of a handed-off call go to private buffers ---------------------------------
+# A call handed to a worker may be abandoned (failover) and still return later: whatever
+# it writes then must not land in the application's buffers, which the application freed
+# or reused once the re-run answered. So a handed-off call writes into buffers of its own
+# (kept alive by the reaper when abandoned) and the results are copied out only when it
+# returns in time. Driven by the function table (shim/spec/functions.py): every output
+# parameter shape of PKCS#11 2.40, by C type and position:
+#   buf     CK_BYTE_PTR + CK_ULONG_PTR        data out, its length in/out (NULL: a query)
+#   fixed   C_GenerateRandom's buffer          exactly ulRandomLen bytes out
+#   list    CK_SLOT_ID_PTR/CK_MECHANISM_TYPE_PTR + CK_ULONG_PTR count in/out
+#   handles C_FindObjects' CK_OBJECT_HANDLE_PTR, ulMaxObjectCount entries
+#   ulong   any other CK_ULONG_PTR / CK_SESSION_HANDLE_PTR / CK_OBJECT_HANDLE_PTR
+#   struct  CK_INFO_PTR, CK_SLOT_INFO_PTR, CK_TOKEN_INFO_PTR, CK_SESSION_INFO_PTR,
+#           CK_MECHANISM_INFO_PTR
+#   attrs   C_GetAttributeValue's template: each value buffer (nested templates, such
+#           as CKA_WRAP_TEMPLATE, are passed through)
+# Inputs are not copied: a late call may read freed input (its result is dropped), but
+# it writes nowhere that is not its own.
+STRUCTS = {"CK_INFO_PTR": "CK_INFO", "CK_SLOT_INFO_PTR": "CK_SLOT_INFO",
+           "CK_TOKEN_INFO_PTR": "CK_TOKEN_INFO", "CK_SESSION_INFO_PTR": "CK_SESSION_INFO",
+           "CK_MECHANISM_INFO_PTR": "CK_MECHANISM_INFO"}
+ULONG_OUT = {"CK_ULONG_PTR", "CK_SESSION_HANDLE_PTR", "CK_OBJECT_HANDLE_PTR"}
+LIST_OUT = {"CK_SLOT_ID_PTR", "CK_MECHANISM_TYPE_PTR"}
+ULONG_SIZE = ffi.sizeof("CK_ULONG")
+ATTR_SIZE = ffi.sizeof("CK_ATTRIBUTE")
+UNAVAILABLE = (1 << (8 * ULONG_SIZE)) - 1
+BOUNCE_MAX = 1 << 26    # a larger buffer is announced to the member as this large
+_raw = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _output_plan(f):
+    steps, used = [], set()
+    args = f.args
+    for i, (t, _) in enumerate(args):
+        if i in used:
+            continue
+        nxt = args[i + 1][0] if i + 1 < len(args) else None
+        if t == "CK_BYTE_PTR" and nxt == "CK_ULONG_PTR":
+            steps.append(("buf", i, i + 1))
+            used.add(i + 1)
+        elif t == "CK_BYTE_PTR" and f.name == "C_GenerateRandom":
+            steps.append(("fixed", i, i + 1))
+        elif t in LIST_OUT and nxt == "CK_ULONG_PTR":
+            steps.append(("list", i, i + 1))
+            used.add(i + 1)
+        elif t == "CK_OBJECT_HANDLE_PTR" and nxt == "CK_ULONG":
+            steps.append(("handles", i, i + 1))
+        elif t in ULONG_OUT:
+            steps.append(("ulong", i, None))
+        elif t in STRUCTS:
+            steps.append(("struct", i, STRUCTS[t]))
+        elif t == "CK_ATTRIBUTE_PTR" and f.name == "C_GetAttributeValue":
+            steps.append(("attrs", i, i + 1))
+    return tuple(steps)
+
+
+def _plans():
+    from ..spec.functions import FUNCTIONS_V3
+    return {f.name: p for f in FUNCTIONS_V3 if (p := _output_plan(f))}
+
+
+OUTPUT_PLANS = _plans()
+
+
+def _ulong(addr):
+    return ffi.cast("CK_ULONG *", addr)
+
+
+def _bounce(plan, words, keep):
+    """Point ``words`` at private output buffers; returns what copy_out needs."""
+    from ..spec.attributes import TEMPLATE_ATTRS
+    out = []
+    for kind, i, j in plan:
+        app = words[i]
+        if kind == "buf" or kind == "list":
+            app_len = words[j]
+            if not app_len:
+                continue
+            cap = _ulong(app_len)[0]
+            if app:
+                cap = min(cap, BOUNCE_MAX if kind == "buf" else BOUNCE_MAX // ULONG_SIZE)
+            n = ffi.new("CK_ULONG *", cap)
+            keep.append(n)
+            words[j] = int(ffi.cast("uintptr_t", n))
+            priv = None
+            if app:
+                priv = _raw("char[]", max(1, cap if kind == "buf" else cap * ULONG_SIZE))
+                keep.append(priv)
+                words[i] = int(ffi.cast("uintptr_t", priv))
+            out.append((kind, app, priv, cap, app_len, n))
+        elif not app:
+            continue
+        elif kind == "fixed" or kind == "handles":
+            size = min(words[j], BOUNCE_MAX) * (ULONG_SIZE if kind == "handles" else 1)
+            if size < words[j] * (ULONG_SIZE if kind == "handles" else 1):
+                continue            # absurdly large: passed through as it is
+            priv = _raw("char[]", max(1, size))
+            keep.append(priv)
+            words[i] = int(ffi.cast("uintptr_t", priv))
+            out.append((kind, app, priv, size, None, None))
+        elif kind == "ulong":
+            priv = ffi.new("CK_ULONG *", _ulong(app)[0])
+            keep.append(priv)
+            words[i] = int(ffi.cast("uintptr_t", priv))
+            out.append((kind, app, priv, ULONG_SIZE, None, None))
+        elif kind == "struct":
+            priv = ffi.new(j + " *")
+            keep.append(priv)
+            words[i] = int(ffi.cast("uintptr_t", priv))
+            out.append((kind, app, priv, ffi.sizeof(j), None, None))
+        elif kind == "attrs":
+            count = words[j]
+            src = ffi.cast("CK_ATTRIBUTE *", app)
+            priv = ffi.new("CK_ATTRIBUTE[]", max(1, count))
+            keep.append(priv)
+            for k in range(count):
+                priv[k].type = src[k].type
+                priv[k].ulValueLen = src[k].ulValueLen
+                if src[k].pValue != ffi.NULL and src[k].type not in TEMPLATE_ATTRS:
+                    if src[k].ulValueLen > BOUNCE_MAX:
+                        priv[k].pValue = src[k].pValue
+                        continue
+                    b = _raw("char[]", max(1, src[k].ulValueLen))
+                    keep.append(b)
+                    priv[k].pValue = b
+                else:
+                    priv[k].pValue = src[k].pValue
+            words[i] = int(ffi.cast("uintptr_t", priv))
+            out.append((kind, app, priv, count, None, None))
+    return out
+
+
+def _copy_out(bounced, rv):
+    """The call returned in time: its outputs to the caller's buffers."""
+    ok = rv == CKR_OK
+    for kind, app, priv, cap, app_len, n in bounced:
+        if kind == "buf" or kind == "list":
+            got = n[0]
+            _ulong(app_len)[0] = got
+            if app and ok:
+                unit = 1 if kind == "buf" else ULONG_SIZE
+                ffi.memmove(ffi.cast("char *", app), priv, min(got, cap) * unit)
+        elif kind == "ulong":
+            _ulong(app)[0] = priv[0]
+        elif kind == "attrs":
+            dst = ffi.cast("CK_ATTRIBUTE *", app)
+            for k in range(cap):
+                got, room = priv[k].ulValueLen, dst[k].ulValueLen
+                if dst[k].pValue != ffi.NULL and priv[k].pValue != dst[k].pValue \
+                        and got != UNAVAILABLE and got <= room:
+                    ffi.memmove(dst[k].pValue, priv[k].pValue, got)
+                dst[k].ulValueLen = got
+        elif ok:                                 # fixed, handles, struct
+            ffi.memmove(ffi.cast("char *", app), ffi.cast("char *", priv), cap)
+
+
 def pooled(member, fname, fn, args, gone) -> int:
     """Call ``fn(*args)`` on a worker of the stub's pool (the caller's thread keeps
     no state of the member's: neither a hang nor, say, a library's thread-local error
     queue). ``gone()`` is asked every WAIT_SLICE while the call runs; a reason from it
-    abandons the call (the worker stays behind) and raises MemberDown."""
+    abandons the call (the worker stays behind, the reaper waits for it) and raises
+    MemberDown."""
     sffi, lib = native.ffi, native.lib
     keep = []
-    words = sffi.new("CK_ULONG[9]", [_word(a, keep) for a in args])
+    w = [_word(a, keep) for a in args]
+    plan = OUTPUT_PLANS.get(fname)
+    bounced = _bounce(plan, w, keep) if plan else ()
+    words = sffi.new("CK_ULONG[9]", w)
     rv = sffi.new("CK_RV *")
     job = sffi.new("void **")
     done = lib.hashim_call(sffi.cast("void *", int(ffi.cast("uintptr_t", fn))), words,
@@ -92,11 +307,13 @@ def pooled(member, fname, fn, args, gone) -> int:
     while done == 0:
         reason = gone()
         if reason:
-            lib.hashim_abandon(job[0])
+            _reaper.adopt(member, job[0], rv, (words, keep, args))
             raise MemberDown(member, reason)
         done = lib.hashim_wait(job[0], WAIT_SLICE, rv)
     if done < 0:
         raise MemberDown(member, f"{fname}: no worker thread could be started")
+    if bounced:
+        _copy_out(bounced, rv[0])
     return rv[0]
 
 
@@ -216,6 +433,7 @@ class Member:
     def call(self, fname, *args) -> int:
         if self.state != ONLINE and self.state != RECOVERING:
             raise MemberDown(self, "not online")
+        gen = self.generation
         cid = next(self._ids)
         self.calls[cid] = (fname, time.monotonic())
         try:
@@ -231,6 +449,11 @@ class Member:
             self.fail(f"{fname} raised {e!r}")
             raise MemberDown(self, f"{fname} failed: {e!r}")
         self.calls.pop(cid, None)
+        if self.generation != gen:
+            # the member failed and was restarted while this call was inside its old
+            # instance: the answer belongs to sessions that are gone; not the new
+            # instance's failure either. The caller re-runs it.
+            raise MemberDown(self, f"{fname} answered by an instance restarted since")
         if rv in DEVICE_LEVEL:
             self.fail(f"{fname} returned {rv_name(rv)}")
             raise MemberDown(self, f"{fname} returned {rv_name(rv)}")
