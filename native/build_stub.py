@@ -327,6 +327,7 @@ def python_cdef() -> str:
     lines.append("void hashim_route_alternatives(CK_SESSION_HANDLE vh, int kind, int n, "
                  "int *members, void **fls, CK_SESSION_HANDLE *mhs, CK_OBJECT_HANDLE *mkeys);")
     lines.append("int hashim_route_member(CK_SESSION_HANDLE vh, int kind);")
+    lines.append("void hashim_routes_expire(void);")
     lines.append("void hashim_member_set_up(int member, int up);")
     lines.append("void hashim_member_stats(int member, long *inflight, unsigned long *served, "
                  "long long *idle_ns);")

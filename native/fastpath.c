@@ -13,6 +13,7 @@
 #define HASHIM_R_ENDED 3
 #define HASHIM_R_DROPPED 4             /* member went down: the engine takes over */
 #define HASHIM_R_DROPPED_MULTIPART 5
+#define HASHIM_R_EXPIRED 6             /* ended; the next start goes through the engine */
 
 #define HASHIM_ALTS 8
 struct hashim_alt {                        /* a member the operation may start on */
@@ -305,6 +306,24 @@ static void hashim_member_stats(int member, long *inflight, unsigned long *serve
     *served = __atomic_load_n(&hashim_served[member], __ATOMIC_RELAXED);
     long long last = __atomic_load_n(&hashim_last_done[member], __ATOMIC_RELAXED);
     *idle_ns = last ? hashim_now_ns() - last : -1;
+}
+
+/* A member came (back) into rotation: routes chosen without it are let go, so that
+   the next operation of every session is scheduled by the engine again. */
+static void hashim_routes_expire(void)
+{
+    int i, k;
+    for (i = 0; i < HASHIM_ROUTES; i++) {
+        if (!__atomic_load_n(&hashim_routes[i].vh, __ATOMIC_ACQUIRE))
+            continue;
+        for (k = 0; k < HASHIM_KINDS; k++) {
+            struct hashim_route *r = &hashim_routes[i].r[k];
+            int expected = HASHIM_R_ENDED;
+            __atomic_compare_exchange_n(&r->state, &expected, HASHIM_R_EXPIRED, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+            r->nalt = r->nalt > 1 ? 1 : r->nalt;   /* stateless commands: own member */
+        }
+    }
 }
 
 static long hashim_member_inflight(int member)

@@ -107,6 +107,13 @@ def inflight(index) -> int:
     return lib.hashim_member_inflight(index)
 
 
+def expire():
+    """A member joined the rotation: every session's next operation is scheduled by
+    the engine again (so it can go there)."""
+    if lib is not None:
+        lib.hashim_routes_expire()
+
+
 def reset():
     if lib is not None:
         lib.hashim_routes_reset()

@@ -115,6 +115,7 @@ class Group:
             self.replicator.sync_member(m)
         m.set_state(ONLINE)
         native.member_up(m.index, True)
+        native.expire()
         if not was_present and self.supervisor is not None:
             self.post_event()
 

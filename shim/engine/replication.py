@@ -79,11 +79,17 @@ class Replicator:
             try:
                 blob = mo.wrap(src, ss, mech, src.domain_key, smh)
             except P11Error as e:
-                raise NotReplicable(f"not wrappable under the domain key ({e})")
+                raise NotReplicable(transport_refusal(src, e) or
+                                    f"not wrappable under the domain key ({e})")
             template = [(t, v) for t, v in template
                         if t not in (CKA.VALUE, CKA.MODULUS, CKA.PUBLIC_EXPONENT)]
             try:
                 return mo.unwrap(dst, ds, mech, dst.domain_key, blob, template)
+            except P11Error as e:
+                reason = transport_refusal(dst, e)
+                if reason:
+                    raise NotReplicable(reason)
+                raise
             finally:
                 blob = None
         return mo.create(dst, ds, template)
@@ -256,6 +262,15 @@ class Replicator:
         self.last_sync = {"copied": len(copied), "removed": len(removed),
                           "differences": len(differences)}
         return copied, removed, differences
+
+
+def transport_refusal(m, e):
+    """Why a member reached over p11-kit's RPC cannot take part in key copies."""
+    if e.rv == CKR.MECHANISM_INVALID and m.kind != "in process":
+        return (f"member '{m.name}' ({m.kind}) is reached over p11-kit's RPC, which does "
+                "not carry CKM_AES_KEY_WRAP_PAD (p11-kit 0.24): secret and private keys "
+                "cannot be copied to or from it; provision them on its token directly")
+    return None
 
 
 def describe_label(info) -> str:

@@ -6,7 +6,7 @@ import threading
 
 from .. import native
 from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
-from ..spec.fastpath import ACTIVE, DROPPED_MULTIPART, ENDED, MULTIPART
+from ..spec.fastpath import ACTIVE, DROPPED_MULTIPART, ENDED, EXPIRED, MULTIPART
 
 
 class VSession:
@@ -41,7 +41,7 @@ class VSession:
         if self.fast and self.ops:
             for kind, op in list(self.ops.items()):
                 st = native.state(self.handle, kind)
-                if st == ENDED:
+                if st == ENDED or st == EXPIRED:
                     self.end(kind)
                 elif st in (MULTIPART, DROPPED_MULTIPART):
                     op.multipart = True

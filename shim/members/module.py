@@ -99,7 +99,8 @@ class Module:
             raise P11Error(CKR.GENERAL_ERROR, f"member '{self.name}': {self.path} is not a "
                            "PKCS#11 module (no C_GetFunctionList)")
         pp = ffi.new("CK_FUNCTION_LIST_PTR *")
-        rv = get_list(pp)
+        with _Environment(self.env):        # some modules read it here already
+            rv = get_list(pp)
         if rv != CKR_OK or pp[0] == ffi.NULL:
             raise P11Error(CKR.GENERAL_ERROR,
                            f"member '{self.name}': C_GetFunctionList failed ({rv:#x})")
