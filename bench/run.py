@@ -232,6 +232,7 @@ def summarize(a: Column, b: Column, ops: list[str], threads: list[int]) -> dict:
                 "direct_noise_us": half_range(dm),
                 "added_us": median(diffs), "added_noise_us": half_range(diffs),
                 "ratio": median([y / x for x, y in zip(dm, hm) if x > 0]),
+                "ratio_noise": half_range([y / x for x, y in zip(dm, hm) if x > 0]),
                 "direct_p90_us": median([x["p90_us"] for x, _ in pairs]),
                 "hashim_p90_us": median([y["p90_us"] for _, y in pairs]),
                 "direct_p99_us": median([x["p99_us"] for x, _ in pairs]),
@@ -286,7 +287,7 @@ def targets(summary: dict, ops: list[str], tput_threads: int) -> list[dict]:
             "target": f"RSA-2048 signing overhead <= {TARGET_RSA_PCT:g} %",
             "op": "rsa",
             "measured": None if pct is None else
-            f"{pct:+.1f} % (noise +-{100 * e['direct_noise_us'] / e['direct_median_us']:.1f} %)",
+            f"{pct:+.1f} % (+-{100 * e['ratio_noise']:.1f})",
             "value": pct,
             "result": "n/a" if pct is None else ("PASS" if pct <= TARGET_RSA_PCT else "MISS")})
     for op in ops:
@@ -317,7 +318,7 @@ def print_report(mach, cfg, a: Column, b: Column, summary, trows, ops, threads, 
         P(f"load      {' '.join(map(str, mach['loadavg_at_start']))} at start"
           + (f", {' '.join(map(str, end))} at end" if end else "")
           + f" (1/5/15 min; above {mach['cores']} means other work competed)")
-    P(f"run       {cfg['rounds']} rounds ({cfg['order']}), latency {cfg['lat_seconds']} s/op,"
+    P(f"run       {cfg['rounds']} rounds ({cfg['order']}, per {cfg['interleave']}), latency {cfg['lat_seconds']} s/op,"
       f" throughput {cfg['seconds']} s/op x threads {','.join(map(str, threads))}")
     P(f"direct    {a.module}")
     P(f"hashim    {b.module}" + ("   [A/A mode: this column is SoftHSM2 too]" if cfg["aa"] else "")
@@ -433,12 +434,15 @@ def main(argv=None) -> int:
                     help="comma list of thread counts for throughput (default 4); "
                          "targets use 4 if listed, else the largest")
     ap.add_argument("--seconds", type=float, default=None,
-                    help="seconds per throughput measurement (default 2.0, quick 0.5)")
+                    help="seconds per throughput measurement (default 2.0, quick 0.4)")
     ap.add_argument("--lat-seconds", type=float, default=None,
-                    help="time budget per op for latency (default 1.0, quick 0.25)")
+                    help="time budget per op for latency (default 1.0, quick 0.2)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds per column (default 4, quick 2)")
     ap.add_argument("--ops", default=",".join(OPS), help="comma list of " + ",".join(OPS))
+    ap.add_argument("--interleave", choices=("op", "run"), default="op",
+                    help="op (default): a process per op and column, the two columns of "
+                         "an op back to back; run: a process per column and round")
     ap.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     ap.add_argument("--module", help="hashim module path (default: shim.module_path())")
     ap.add_argument("--aa", action="store_true",
@@ -452,8 +456,8 @@ def main(argv=None) -> int:
 
     q = args.quick
     rounds = args.rounds or (2 if q else 4)
-    lat_s = args.lat_seconds if args.lat_seconds is not None else (0.25 if q else 1.0)
-    tput_s = args.seconds if args.seconds is not None else (0.5 if q else 2.0)
+    lat_s = args.lat_seconds if args.lat_seconds is not None else (0.2 if q else 1.0)
+    tput_s = args.seconds if args.seconds is not None else (0.4 if q else 2.0)
     warm_s = 0.1 if q else 0.2
     try:
         threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -536,20 +540,35 @@ def main(argv=None) -> int:
                     f"generated {r['info']['keys_created']} of its own")
 
         common = ["--lat-seconds", str(lat_s), "--seconds", str(tput_s),
-                  "--warm-seconds", str(warm_s), "--threads", ",".join(map(str, threads)),
-                  "--ops", ",".join(ops)]
+                  "--warm-seconds", str(warm_s), "--threads", ",".join(map(str, threads))]
+        # --interleave op: one process per (op, column), the two columns of an op
+        # back to back, so a pair is seconds apart; run: one process per column
+        # and round measuring every op.
+        groups = [[op] for op in ops] if args.interleave == "op" else [ops]
         for rnd in range(rounds):
             order = (direct, hashim) if rnd % 2 == 0 else (hashim, direct)
-            for col in order:
-                log(f"bench: round {rnd + 1}/{rounds}: {col.name}")
-                r = run_p11bench(exe, col, common, timeout=per_run_timeout)
-                r["round"] = rnd
-                col.runs.append(r)
-                col.info.append(r["info"])
-                if r["errors"]:
+            merged = {c.name: None for c in order}
+            for group in groups:
+                for col in order:
+                    log(f"bench: round {rnd + 1}/{rounds}: {col.name} {','.join(group)}")
+                    r = run_p11bench(exe, col, common + ["--ops", ",".join(group)],
+                                     timeout=per_run_timeout)
+                    col.info.append(r["info"])
                     for e in r["errors"]:
                         log(f"bench:   {col.name} {e.get('op')}: {e.get('function')}"
                             f" -> {e.get('rv_name')}")
+                    m = merged[col.name]
+                    if m is None:
+                        merged[col.name] = dict(r, round=rnd, processes=[r["wall_s"]])
+                    else:
+                        m["latency"].update(r["latency"])
+                        m["throughput"].update(r["throughput"])
+                        m["errors"] += r["errors"]
+                        m["processes"].append(r["wall_s"])
+                        if r["rc"] != 0:
+                            m["rc"], m["stderr_tail"] = r["rc"], r["stderr_tail"]
+            for col in order:
+                col.runs.append(merged[col.name])
 
         try:
             mach["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -557,7 +576,8 @@ def main(argv=None) -> int:
             pass
         summary = summarize(direct, hashim, ops, threads)
         trows = targets(summary, ops, tput_threads)
-        cfg = {"rounds": rounds, "order": "ABBA..." if rounds > 1 else "AB",
+        cfg = {"rounds": rounds, "interleave": args.interleave,
+               "order": "ABBA..." if rounds > 1 else "AB",
                "lat_seconds": lat_s, "seconds": tput_s, "warm_seconds": warm_s,
                "threads": threads, "ops": ops, "quick": q, "aa": args.aa,
                "hashim_env": extra_env,
