@@ -314,8 +314,12 @@ class _App:
         fe = sys.modules.get("shim.frontend")
         g = getattr(fe, "ENGINE", None)
         m = g.member(name)
+        from shim.engine.status import fast_stats
         self.watch = {"stop": threading.Event(), "cycles": []}
         w = self.watch
+
+        def served():                 # the engine's and the stub's fast path's
+            return m.served + fast_stats(m)[1]
 
         def run():
             was_online = m.state == "online"
@@ -328,9 +332,9 @@ class _App:
                     w["cycles"].append(cur)
                 elif online and not was_online and cur is not None:
                     cur["online"] = now
-                    cur["served_at_online"] = m.served
+                    cur["served_at_online"] = served()
                 if cur is not None and cur["online"] and cur["first_served"] is None \
-                        and m.served > cur["served_at_online"]:
+                        and served() > cur["served_at_online"]:
                     cur["first_served"] = now
                 was_online = online
                 time.sleep(0.001)

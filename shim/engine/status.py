@@ -58,6 +58,17 @@ def recovery(m, limit, now_m) -> dict | None:
     return {"attempt": m.recovery_attempt, "of": limit, "next_in_s": nxt}
 
 
+def fast_stats(m):
+    """(calls in flight, calls served, seconds since its last completion or None) of the
+    stub's fast path for member ``m`` (repeated operations the stub runs without Python:
+    they are not in ``m.calls`` / ``m.served``)."""
+    try:
+        from .. import native
+        return native.member_stats(getattr(m, "index", None))
+    except Exception:                                        # noqa: BLE001
+        return 0, 0, None
+
+
 def snapshot(g, rtt=None, seen=None) -> dict:
     now_m = time.monotonic()
     try:
@@ -68,9 +79,10 @@ def snapshot(g, rtt=None, seen=None) -> dict:
     limit = g.settings.recovery_attempts
     for m in g.members:
         hist = list(getattr(m, "history", ()) or ())
+        fin, fserved, _ = fast_stats(m)
         members.append({
-            "name": m.name, "state": m.state, "in_flight": m.in_flight,
-            "served": m.served, "failed_over": m.failed_over,
+            "name": m.name, "state": m.state, "in_flight": m.in_flight + fin,
+            "served": m.served + fserved, "failed_over": m.failed_over,
             "recovery": recovery(m, limit, now_m),
             "last_error": m.last_error, "last_change": iso(m.last_change),
             "last_change_ts": m.last_change,

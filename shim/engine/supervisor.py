@@ -137,6 +137,15 @@ class Supervisor:
         what = None
         if oldest is not None:
             what = min(calls, key=lambda c: c[1])[0]
+        # the stub's fast path: its completions are signs of life; calls in flight with
+        # no completion since count as running since that last completion
+        fin, _, fidle = status.fast_stats(m)
+        if fidle is not None:
+            done_at = now - fidle
+            if done_at > self.alive_at.get(m.name, 0.0):
+                self.alive_at[m.name] = done_at
+            if fin > 0 and (oldest is None or done_at < oldest):
+                oldest, what = done_at, f"{fin} call(s) on the fast path"
         p = self.probes.get(m.name)
         if p is not None and (p.generation != m.generation):
             p = None
