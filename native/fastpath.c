@@ -291,7 +291,8 @@ static void hashim_member_set_up(int member, int up)
                 continue;
             /* keep what the engine must know: was the operation multi-part? */
             __atomic_store_n(&r->state, st == HASHIM_R_MULTIPART ? HASHIM_R_DROPPED_MULTIPART
-                             : st == HASHIM_R_ACTIVE ? HASHIM_R_DROPPED : HASHIM_R_NONE,
+                             : st == HASHIM_R_ACTIVE ? HASHIM_R_DROPPED
+                             : st == HASHIM_R_ENDED ? HASHIM_R_EXPIRED : st,
                              __ATOMIC_RELEASE);
         }
     }

@@ -271,7 +271,7 @@ def C_GetSessionInfo(g, hSession, pInfo):
     vs = g.session(hSession)
     if vs.direct is not None:
         m = g.lead(vs)
-        rv = m.call("C_GetSessionInfo", vs.members[m.name],
+        rv = m.call("C_GetSessionInfo", vs.members.get(m.name, 0),
                     mffi.cast("CK_SESSION_INFO *", pInfo))
         pInfo.slotID = g.slot_id + 1 + g.members.index(m)
         return rv
@@ -593,7 +593,9 @@ def _generate(g, vs, fname, p_mech, templates, out_count):
     """Key generation on the primary, then copies on every other member. Secret and
     private keys are generated so that they can travel under the domain key; the
     application's own wish is recorded and enforced as its intent."""
-    replicate = vs.direct is None and len(g.members) > 1 and g.primary.domain_key is not None
+    # with a domain key the group replicates: even a group of one member today (a member
+    # added later must be able to receive the key)
+    replicate = vs.direct is None and g.primary.domain_key is not None
     intents = [None] * len(templates)
     built = []
     for i, (p, n, secret) in enumerate(templates):

@@ -584,12 +584,6 @@ def test_ha_only_and_members_seen_by_a_running_application(tmp_path):
         app.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: native/fastpath.c hashim_member_set_up() turns a route in state ENDED "
-    "into NONE when its member goes down (failed or removed); VSession.sync() "
-    "(shim/engine/sessions.py) ends the engine's record only on ENDED, so the finished "
-    "operation stays in vs.ops and every later C_SignInit in that session answers "
-    "CKR_OPERATION_ACTIVE"))
 def test_an_idle_session_signs_again_after_its_member_left(tmp_path):
     """A session that signed (through the fast path) on a member, then sat idle while that
     member was removed, signs again."""
@@ -745,12 +739,6 @@ def test_synchronize_now(tmp_path):
                         "object\n")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: shim/frontend.py _generate() replicates (generates extractable + "
-    "wrap-with-trusted) only when len(g.members) > 1, so a key generated while the group "
-    "has ONE member -- during a replacement, between remove-member and add-member -- keeps "
-    "the application's CKA_EXTRACTABLE=FALSE and can never be copied to the new member "
-    "('not wrappable under the domain key (CKR_KEY_UNEXTRACTABLE)')"))
 def test_key_made_while_the_group_had_one_member_reaches_the_new_member(tmp_path):
     g = build_group(tmp_path / "g", [("a", False), ("b", False)])
     b = g.members[1]

@@ -303,68 +303,6 @@ def test_synchronize_and_ha_only(capsys, conf):
     assert "# primary\n[[member]]" in text
 
 
-def test_synchronize_now_not_available(capsys, conf):
-    rc, out, err = run(capsys, "--config", conf, "group", "synchronize", "--now")
-    assert rc == 1
-    assert one_line_error(err) == "hashim: group synchronize --now is not available yet"
-    assert Path(conf).read_text() == CONF
-
-
-@pytest.mark.parametrize("argv", [
-    ["group", "synchronize"], ["group", "synchronize", "--enable", "--disable"],
-    ["group", "ha-only"], ["group"], ["config"], ["domain"], [],
-    ["group", "set", "label"], ["nonsense"], ["group", "show", "--bogus"],
-])
-def test_usage_errors_are_one_line(capsys, conf, argv):
-    rc, out, err = run(capsys, "--config", conf, *argv)
-    assert rc == 2
-    line = one_line_error(err)
-    assert line.startswith("hashim") and "--help" in line
-
-
-@pytest.mark.parametrize("key,value,attr,expect", [
-    ("label", "new label", "label", "new label"),
-    ("slot_id", "5", "slot_id", 5),
-    ("ha_only", "false", "ha_only", False),
-    ("synchronize", "no", "synchronize", False),
-    ("command_timeout", "30", "command_timeout", 30.0),
-    ("heartbeat_interval", "0.5", "heartbeat_interval", 0.5),
-    ("recovery_interval", "10", "recovery_interval", 10.0),
-    ("recovery_attempts", "unlimited", "recovery_attempts", None),
-    ("recovery_attempts", "10", "recovery_attempts", 10),
-    ("log", "/var/log/hashim/ha.log", "log", "/var/log/hashim/ha.log"),
-    ("serial", "HA01", "serial", "HA01"),
-])
-def test_group_set(capsys, conf, key, value, attr, expect):
-    rc, out, err = run(capsys, "--config", conf, "group", "set", key, value)
-    assert rc == 0, err
-    assert out.startswith(f"{key} = ")
-    assert getattr(cfg.load(conf).group, attr) == expect
-    assert "# payments group -- comments must survive edits" in Path(conf).read_text()
-
-
-@pytest.mark.parametrize("key,value,expect", [
-    ("comand_timeout", "5", "[group] comand_timeout: unknown key; did you mean "
-                            "'command_timeout'?"),
-    ("command_timeout", "soon", "[group] command_timeout: must be a number of seconds, got "
-                                "'soon'"),
-    ("command_timeout", "0", "[group] command_timeout: must be a positive number"),
-    ("heartbeat_interval", "25", "heartbeat_interval (25 s) must be shorter than "
-                                 "command_timeout (20 s)"),
-    ("recovery_attempts", "2", "[group] recovery_attempts: must be at least 3, got 2"),
-    ("ha_only", "maybe", "[group] ha_only: must be true or false, got 'maybe'"),
-    ("label", "x" * 33, "[group] label: is 33 bytes in UTF-8"),
-    ("log", "relative.log", "[group] log: must be an absolute path"),
-    ("slot_id", "-3", "[group] slot_id: must be between 0 and 4294967295, got -3"),
-])
-def test_group_set_errors(capsys, conf, key, value, expect):
-    rc, out, err = run(capsys, "--config", conf, "group", "set", key, value)
-    assert rc == 2
-    line = one_line_error(err)
-    assert line.startswith(f"hashim: {conf}: ") and expect in line, line
-    assert Path(conf).read_text() == CONF
-
-
 def test_group_unset(capsys, conf):
     assert run(capsys, "--config", conf, "group", "set", "command_timeout", "7")[0] == 0
     rc, out, err = run(capsys, "--config", conf, "group", "unset", "command_timeout")

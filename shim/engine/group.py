@@ -77,21 +77,22 @@ class Group:
         from .replication import Replicator
         from .supervisor import Supervisor
         self.replicator = Replicator(self)
-        problems = []
+        problems, unusable = [], False
         for m in self.members:
             try:
                 self.bring_up(m)
             except P11Error as e:
-                if e.rv == CKR.GENERAL_ERROR:      # configuration: the module is unusable
-                    self.stop()
-                    raise
+                # one member down is what the group is for: it waits for recovery
+                unusable = unusable or e.rv == CKR.GENERAL_ERROR
                 m.set_state(TOKEN_NOT_PRESENT, e.reason or str(e))
+                m.next_recovery = time.monotonic() + self.settings.recovery_interval
                 problems.append(e.reason or str(e))
                 log.error("%s", e.reason or e)
         if not self.online:
             self.stop()
-            raise P11Error(CKR.FUNCTION_FAILED, "no member could be started: "
-                           + "; ".join(problems))
+            # no member at all: a module that cannot be used is a configuration error
+            raise P11Error(CKR.GENERAL_ERROR if unusable else CKR.FUNCTION_FAILED,
+                           "no member could be started: " + "; ".join(problems))
         self.supervisor = Supervisor(self)
         self.supervisor.start()
         from .reconfigure import ConfigWatcher
@@ -111,8 +112,12 @@ class Group:
         was_present = self.token_present()
         m.recovery_attempt = 0
         m.next_recovery = None
-        if self.login is not None:
-            self.replicator.sync_member(m)
+        m.receiving = True
+        try:
+            if self.login is not None:
+                self.replicator.sync_member(m)
+        finally:
+            m.receiving = False
         m.set_state(ONLINE)
         native.member_up(m.index, True)
         native.expire()
@@ -166,11 +171,18 @@ class Group:
             raise P11Error(CKR.DEVICE_ERROR, f"member '{vs.direct.name}' is not online")
         return vs.direct
 
+    @property
+    def receivers(self):
+        """Members that receive copies: online ones, and a member synchronising on its
+        way back (what is made during its sync must reach it too)."""
+        return [m for m in self.members
+                if m.state == ONLINE or (m.state == RECOVERING and getattr(m, "receiving", False))]
+
     def others(self, vs, p):
         """Members that receive a copy of what ``p`` did for session ``vs``."""
         if vs.direct is not None:
             return []
-        return [m for m in self.online if m is not p]
+        return [m for m in self.receivers if m is not p]
 
     def targets(self, vs):
         return [self.lead(vs)] if vs.direct is not None else self.online
@@ -650,7 +662,7 @@ class Group:
                 alts = self.alternatives(vs, key) if vs.fast and mech.repeatable else ()
                 vs.begin(kind, Op(m, init, mech, key), mkey, alts)
                 if alts and kind != "random":
-                    vs.route_random(m, vs.members[m.name], [a[:2] + (0,) for a in alts])
+                    vs.route_random(m, vs.members.get(m.name, 0), [a[:2] + (0,) for a in alts])
             return rv
 
     def replay_op(self, vs, kind, op):

@@ -86,6 +86,8 @@ def apply(g, new):
     changed = [k for k in new.group.__dataclass_fields__
                if getattr(new.group, k) != getattr(g.settings, k)]
     g.config, g.settings = new, new.group
+    if g.supervisor is not None:
+        g.supervisor.s = new.group          # timeouts and recovery settings apply now
     g.label, g.serial = new.group.label, new.group.serial
     log.info("configuration reloaded from %s: %s", new.path, "; ".join(filter(None, [
         "added " + ", ".join(m.name for m in added) if added else "",

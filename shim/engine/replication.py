@@ -100,7 +100,7 @@ class Replicator:
         info = g.describe(vh)
         if info is None:
             return
-        for m in targets or g.online:
+        for m in targets or g.receivers:
             if m is src or m.name in g.objects.holders(vh):
                 continue
             try:
@@ -162,7 +162,7 @@ class Replicator:
         template = [(CKA.CLASS, pack(CKA.CLASS, CKO.DATA)), (CKA.TOKEN, pack_bool(True)),
                     (CKA.PRIVATE, pack_bool(True)), (CKA.APPLICATION, INTERNAL_APPLICATION),
                     (CKA.LABEL, label), (CKA.VALUE, value)]
-        for m in self.g.online:
+        for m in self.g.receivers:
             try:
                 mo.create(m, self.session(vs, m), template)
             except (P11Error, MemberDown) as e:
