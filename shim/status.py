@@ -20,6 +20,9 @@ Output (``--json``): one JSON object; with ``--watch``, one object per line ever
     probed directly by this command).
 ``pids``
     their process ids.
+``stale_pids``
+    those whose view was last written more than 30 s ago (a running module rewrites it at
+    least every 5 s: its supervisor thread is stuck, its view may be out of date).
 ``members``
     one object per member, in configured order (then members that a process still runs
     but the config no longer lists, with ``"configured": false``):
@@ -80,6 +83,7 @@ from . import config as cfg
 SEVERITY = {"online": 0, "recovering": 1, "device error": 2, "token not present": 3,
             "given up": 4}
 PROBE_TIMEOUT = 10.0
+STALE_AFTER = 30.0      # a live process's view older than this: its supervisor is stuck
 BAR = 30                                    # width of the served-commands bar
 
 
@@ -252,7 +256,7 @@ def probe_all(config, timeout: float = PROBE_TIMEOUT) -> dict:
             "heartbeat_rtt_ms": None, "probed": True})
     primary = next((m["name"] for m in members if m["state"] == "online"), None)
     return {"group": config.group.label, "primary": primary, "processes": 0, "pids": [],
-            "members": members, "state_dir": config.group.state_dir, "updated": iso(now)}
+            "stale_pids": [], "members": members, "state_dir": config.group.state_dir, "updated": iso(now)}
 
 
 def _kind(mc) -> str:
@@ -327,9 +331,12 @@ def merge(config, views: list[dict]) -> dict:
         order = {n: i for i, n in enumerate(names)}
         primary = min((p for p, c in votes.items() if c == best),
                       key=lambda p: order.get(p, len(order)))
+    now = time.time()
+    stale = sorted(v["pid"] for v in views
+                   if (v.get("updated_ts") or now) < now - STALE_AFTER)
     return {"group": config.group.label, "primary": primary, "processes": len(views),
-            "pids": sorted(v["pid"] for v in views), "members": members,
-            "state_dir": config.group.state_dir, "updated": iso(time.time())}
+            "pids": sorted(v["pid"] for v in views), "stale_pids": stale, "members": members,
+            "state_dir": config.group.state_dir, "updated": iso(now)}
 
 
 def collect(config, probe: bool = True, timeout: float = PROBE_TIMEOUT) -> dict:
@@ -399,6 +406,9 @@ def render(st: dict) -> str:
     lines.append(fmt(heads))
     lines += [fmt(r) for r in rows]
     lines.append("(* primary)")
+    if st.get("stale_pids"):
+        lines.append(f"warning: no update for more than {STALE_AFTER:g} s from pid "
+                     f"{', '.join(map(str, st['stale_pids']))}: its view may be out of date")
     total = max([m["served"] for m in st["members"]] + [0])
     if st["processes"]:
         lines.append("")

@@ -161,6 +161,16 @@ def test_status_a_reused_pid_is_not_a_live_module(group):
     assert st["processes"] == 0
 
 
+def test_status_flags_a_stale_view(group):
+    conf, state, _ = group
+    v = view(os.getpid(), [("st0", "online", 1, {})])
+    v["updated_ts"] = time.time() - 120
+    write_view(state, v)
+    st = json.loads(hashim(conf, "status", "--json").stdout)
+    assert st["processes"] == 1 and st["stale_pids"] == [os.getpid()]
+    assert f"no update for more than 30 s from pid {os.getpid()}" in hashim(conf, "status").stdout
+
+
 def test_status_watch(group):
     conf, state, _ = group
     write_view(state, view(os.getpid(), [("st0", "online", 1, {}), ("st1", "online", 2, {}),
