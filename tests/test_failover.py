@@ -708,6 +708,33 @@ def test_hung_member_fails_over_after_the_timeout(cluster):
     assert "member 'm1': recovering -> online" in log
 
 
+def test_hung_member_inline_the_others_go_on(cluster):
+    """Default supervision (calls on the application's threads): a hung member is failed
+    over after command_timeout all the same (its stuck calls, the stub's fast path's
+    included, count as running with no sign of life); the other threads go on at full
+    speed meanwhile; the threads stuck inside it wait until it answers (they cannot be
+    abandoned inline), then finish without an error."""
+    c, a = started(cluster)
+    a("load_start", threads=8, mix=SINGLE)
+    time.sleep(1.0)
+    t_hang = time.time()
+    c.ctl("m1", fault="hang", fault_functions=HANG_ALL)
+    failed = c.wait_state("m1", FAILED, timeout=10)
+    assert "command timeout" in (failed["last_error"] or ""), failed
+    assert time.time() - t_hang < 5.0
+    n1 = a("load_peek")["n"]
+    time.sleep(1.0)
+    assert a("load_peek")["n"] - n1 > 200           # the others are served meanwhile
+    t_heal = time.time()
+    c.ctl("m1")
+    c.wait_state("m1", "online", timeout=10)
+    time.sleep(0.5)
+    res = a("load_stop")
+    assert res["errors"] == [] and res["stuck_threads"] == 0, res["errors"][:5]
+    held = [d for t0, d, _ in res["slow"] if t0 + d >= t_heal - 0.2]
+    assert held, "no thread was held by the hung member"      # released by the heal
+
+
 def test_slow_member_is_not_failed_over(cluster):
     """A member whose commands take longer than command_timeout but which answers its
     heartbeats is not failed over: slow is not dead."""
