@@ -89,8 +89,8 @@ def _soak(c, supervise):
         _inject(c, name, kind)
         c.wait_state(name, FAILED, timeout=15)
         # key management while the member is away: it gets the new key, and loses the
-        # destroyed one, when it returns. Not while it is being synchronised: that race
-        # is test_failover.py::test_key_made_while_a_member_synchronises (xfail, engine)
+        # destroyed one, when it returns (made while it synchronises on its way back:
+        # test_failover.py::test_key_made_while_a_member_synchronises)
         if _away(c, name):
             label = f"soak-{i}"
             r = a("keygen", label=label, kind="ec" if i % 2 else "aes")

@@ -77,7 +77,11 @@ class Supervisor:
         self.rtt = {}               # member name -> seconds of the last probe
         self.recoveries = {}        # member name -> thread of the running attempt
         self.publisher = status.Publisher(group)
-        self.tick = max(0.02, min(0.25, self.s.heartbeat_interval / 4))
+
+    @property
+    def tick(self) -> float:
+        """Seconds between two looks (``s`` may be replaced by a live reconfiguration)."""
+        return max(0.02, min(0.25, self.s.heartbeat_interval / 4))
 
     def start(self):
         self.thread = threading.Thread(target=self.run, name="hashim-supervisor", daemon=True)
