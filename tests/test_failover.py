@@ -708,6 +708,33 @@ def test_hung_member_fails_over_after_the_timeout(cluster):
     assert "member 'm1': recovering -> online" in log
 
 
+def test_hung_member_restarted_while_calls_are_stuck_in_it(cluster):
+    """A member that stays hung past its first recovery attempt: the calls abandoned in it
+    are still inside its module, so it is restarted without being finalised (their
+    sessions stay open, new ones are opened beside them). When it answers again, those
+    late calls land on their own old sessions and write only into hashim's private
+    buffers: no application error, no operation left active anywhere, no crash."""
+    c, a = started(cluster, supervise="thread", recovery_attempts="unlimited")
+    a("load_start", threads=8, mix=SINGLE + MULTI)
+    time.sleep(1.0)
+    c.ctl("m1", fault="hang", fault_functions=HANG_ALL)
+    c.wait_state("m1", FAILED, timeout=10)
+    deadline = time.monotonic() + 15
+    while "without finalising it" not in c.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "member 'm1': " in c.log() and "without finalising it" in c.log()
+    c.ctl("m1")                          # the late calls come back now
+    c.wait_state("m1", "online", timeout=15)
+    time.sleep(1.5)
+    res = a("load_stop")
+    assert single_part_errors(res) == [], res["errors"][:10]
+    assert all(e[2] == "DeviceError" for e in res["errors"]), res["errors"][:10]
+    assert res["stuck_threads"] == 0
+    assert a("sign")["result"] == "ok"
+    assert a("mp_begin", kind="sign")["paused"]
+    assert a("mp_end") == {"result": "ok", "single_after": "ok", "multi_after": "ok"}
+
+
 def test_hung_member_inline_the_others_go_on(cluster):
     """Default supervision (calls on the application's threads): a hung member is failed
     over after command_timeout all the same (its stuck calls, the stub's fast path's
