@@ -372,6 +372,8 @@ class _App:
 
 
 def _app():
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: every stack
     app = _App()
     out = sys.stdout
     for line in sys.stdin:
@@ -814,6 +816,7 @@ def test_primary_fails_during_key_generation(cluster):
     assert c.wait_stats("m1", lambda st: st.get("C_GenerateKeyPair") == 1) \
         .get("C_GenerateKeyPair") == 1
     assert c.stats("m2").get("C_GenerateKeyPair", 0) == 0
+    c.wait_state("m0", FAILED, timeout=5)
     back = c.wait_state("m0", "online", timeout=10)     # only key generation is faulty
     assert subsequence(["device error", "recovering", "online"], states_seen(back))
     c.ctl("m0")

@@ -119,6 +119,7 @@ class Supervisor:
     # ---- the loop --------------------------------------------------------------
     def run(self):
         while not self.stopping.is_set():
+            self.wake.clear()             # before the work: a wake-up during it counts
             now = time.monotonic()
             try:
                 for m in self.g.members:
@@ -131,7 +132,6 @@ class Supervisor:
             except Exception:
                 log.exception("supervisor: unexpected error")
             self.wake.wait(self.tick)
-            self.wake.clear()
         self.publisher.remove()
 
     def watch(self, m, now):
