@@ -6,7 +6,10 @@ import threading
 
 from .. import native
 from ..spec.constants import CKF_RW_SESSION, CKS, CKU_SO, CKU_USER
-from ..spec.fastpath import ACTIVE, DROPPED_MULTIPART, ENDED, EXPIRED, MULTIPART
+from ..spec.fastpath import (ACTIVE, DROPPED, DROPPED_MULTIPART, ENDED, EXPIRED,
+                             MULTIPART)
+
+LIVE = (ACTIVE, MULTIPART, DROPPED, DROPPED_MULTIPART)     # the operation still runs
 
 
 class VSession:
@@ -37,18 +40,17 @@ class VSession:
             native.end(self.handle, kind)
 
     def sync(self):
-        """Take in what the fast path did: operations it ended or made multi-part."""
+        """Take in what the fast path did: operations it ended, started again (perhaps
+        on another member) or made multi-part. The stub's record is the truth."""
         if self.fast and self.ops:
             for kind, op in list(self.ops.items()):
                 st = native.state(self.handle, kind)
                 if st == ENDED or st == EXPIRED:
                     self.end(kind)
-                elif st in (MULTIPART, DROPPED_MULTIPART):
-                    op.multipart = True
-                elif st == ACTIVE:            # the stub's record is the truth: it may
-                    op.multipart = False      # have started the operation again,
+                elif st in LIVE:
+                    op.multipart = st in (MULTIPART, DROPPED_MULTIPART)
                     m = native.MEMBERS.get(native.route_member(self.handle, kind))
-                    if m is not None:         # on another member
+                    if m is not None:
                         op.member = m
 
     def multipart(self, kind):
