@@ -28,6 +28,8 @@ Measured, per scenario (median over --rounds):
                 "out" = throughput while the member is out, % of steady
   back          fault healed -> member online again (recovery attempts come every
                 recovery_interval = 1 s here), and online -> its first served command
+  after         each member's share of the signatures in the 1.5 s after m1's return
+                (33/33/33 when it is fully back in rotation)
 
 Settings are the tests' short ones: command_timeout 2 s, heartbeat_interval 0.5 s,
 recovery_interval 1 s, recovery_attempts unlimited (the hang stall scales with
@@ -106,7 +108,10 @@ def run_one(emu, base: Path, scenario: str) -> dict:
         t_heal = time.time()
         c.ctl("m1", **healthy)
         c.wait_state("m1", "online", timeout=20)
-        time.sleep(AFTER)
+        time.sleep(0.5)
+        s0 = {n: c.wait_stats(n, lambda st: True).get("C_Sign", 0) for n in c.names}
+        time.sleep(AFTER - 0.5)
+        s1 = {n: c.stats(n).get("C_Sign", 0) for n in c.names}
         res = a("load_stop")
         cycles = a("watch_stop")["cycles"]
         a.close()
@@ -149,6 +154,8 @@ def run_one(emu, base: Path, scenario: str) -> dict:
         "after_max_ms": max(after) * 1000 if after else None,
         "dip_pct": 100 * worst / steady_rate if steady_rate else None,
         "out_pct": 100 * out_rate / steady_rate if steady_rate else None,
+        "share_after_pct": {n: 100.0 * (s1[n] - s0[n]) / max(1, sum(s1[k] - s0[k] for k in s1))
+                            for n in s1},
         "heal_to_online_s": (back_online.get("online") - t_heal)
         if back_online.get("online") else None,
         "online_to_first_ms": (back_online["first_served"] - back_online["online"]) * 1000
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
           f"every 1 s; medians over {rounds} round(s)")
     head = ("scenario", "errors", "detect s", "stalled", "stall med s", "stall worst s",
             "1st-s worst ms", "p99 ms (steady)", "max ms", "dip %", "out %",
-            "heal->online s", "online->1st ms")
+            "heal->online s", "online->1st ms", "after: m0/m1/m2 %")
     rows = []
     for s in names:
         if not runs[s]:
@@ -211,7 +218,9 @@ def main(argv=None) -> int:
             f"{fmt(med(s, 'after_p99_ms'), '.1f')} ({fmt(med(s, 'steady_p99_ms'), '.1f')})",
             fmt(med(s, "after_max_ms"), ".0f"), fmt(med(s, "dip_pct"), ".0f"),
             fmt(med(s, "out_pct"), ".0f"), fmt(med(s, "heal_to_online_s"), ".2f"),
-            fmt(med(s, "online_to_first_ms"), ".1f")))
+            fmt(med(s, "online_to_first_ms"), ".1f"),
+            "/".join(fmt(statistics.median(x["share_after_pct"][n] for x in runs[s]), ".0f")
+                     for n in ("m0", "m1", "m2"))))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for r in rows:

@@ -365,8 +365,11 @@ class _App:
                 info = ffi.new("CK_SESSION_INFO *")
                 real = sum(1 for h in range(1, 4097)
                            if m.f["C_GetSessionInfo"](h, info) == 0)
+            from shim.engine.status import fast_stats
+            fin, fserved, fidle = fast_stats(m)
             out[m.name] = {"state": m.state, "held": held, "expected": held + 1,
-                           "real": real}
+                           "real": real, "calls": len(m.calls), "served": m.served,
+                           "fast": {"in_flight": fin, "served": fserved, "idle_s": fidle}}
         return {"available": True, "members": out,
                 "virtual_sessions": len(g.sessions.all())}
 
@@ -659,7 +662,13 @@ def test_device_errors_mid_load(cluster):
     c.ctl("m1")                          # healthy again
     back = c.wait_state("m1", "online", timeout=10)
     time.sleep(1.0)
+    # back in rotation: every member serves again (not only the one that came back)
+    before = {n: c.wait_stats(n, lambda st: True).get("served", 0) for n in c.names}
+    time.sleep(1.0)
+    after = {n: c.wait_stats(n, lambda st: st.get("served", 0) > before[n]).get("served", 0)
+             for n in c.names}
     res = a("load_stop")
+    assert all(after[n] > before[n] + 20 for n in c.names), (before, after, a("engine"))
     assert single_part_errors(res) == [], res["errors"][:10]
     assert sum(res["count"].values()) > 500
     assert res["stuck_threads"] == 0
@@ -676,6 +685,43 @@ def test_device_errors_mid_load(cluster):
     assert "member 'm1': recovering -> online" in log
     assert "CKR_DEVICE_ERROR" in log
     assert PIN not in log.replace("m1", "")     # (the PIN never appears)
+
+
+@pytest.mark.parametrize("supervise", [
+    pytest.param("inline", marks=pytest.mark.xfail(strict=False, reason=(
+        "engine, reported: after a member returns, the fast path sends every session's "
+        "repeated operation to one member (m0: 8 in flight, m2 idle with 9 member "
+        "sessions, m1 none)"))),
+    "thread"])
+def test_returning_member_gets_its_share_of_a_busy_load(cluster, supervise):
+    """Members of fixed capacity (2 ms per command, one at a time: 500/s each) under a
+    load that needs all three: when m1 returns after a failure, all three serve again
+    and the throughput comes back (inline: the stub's fast path routes repeated
+    operations itself; thread: every call goes through the engine's scheduler)."""
+    c, a = started(cluster, supervise=None if supervise == "inline" else supervise,
+                   recovery_attempts="unlimited")
+    busy = dict(service_ms=2, capacity=1)
+    for n in c.names:
+        c.ctl(n, **busy)
+    a("load_start", threads=8, mix=("sign",))
+    time.sleep(1.5)
+    c.ctl("m1", **busy, fault="device_error")
+    c.wait_state("m1", FAILED, timeout=5)
+    time.sleep(1.0)
+    c.ctl("m1", **busy)
+    c.wait_state("m1", "online", timeout=10)
+    time.sleep(1.0)
+    before = {n: c.wait_stats(n, lambda st: True).get("C_Sign", 0) for n in c.names}
+    n0 = a("load_peek")["n"]
+    time.sleep(1.5)
+    n1 = a("load_peek")["n"]
+    after = {n: c.stats(n).get("C_Sign", 0) for n in c.names}
+    eng = a("engine")
+    res = a("load_stop")
+    assert res["errors"] == []
+    share = {n: after[n] - before[n] for n in c.names}
+    assert all(v > 150 for v in share.values()), (share, eng)      # ~500/s x 1.5 s each
+    assert (n1 - n0) / 1.5 > 900, ((n1 - n0) / 1.5, share, eng)   # of 1500/s
 
 
 def test_hung_member_fails_over_after_the_timeout(cluster):
