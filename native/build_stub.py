@@ -61,7 +61,8 @@ def c_source() -> str:
                   + ";\n}\n" + open(os.path.join(HERE, "fastpath.c")).read())
     paths = baked_paths()
     defines = "".join(f"#define {k} {c_string(v)}\n" for k, v in paths.items())
-    wrappers = [fast_wrapper(f) if f.name in FAST else
+    wrappers = [SESSION_INFO_C if f.name == "C_GetSessionInfo" else
+                fast_wrapper(f) if f.name in FAST else
                 init_wrapper(f) if f.name in INIT_FAST else
                 f"CK_RV {f.name}({f.c_params})\n{{\n"
                 f"    if (!hashim_ready()) return hashim_down_rv;\n"
@@ -282,6 +283,15 @@ def fast_wrapper(f) -> str:
             f"    return py_{f.name}({f.arg_names});\n}}\n")
 
 
+SESSION_INFO_C = """CK_RV C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo)
+{
+    if (!hashim_ready()) return hashim_down_rv;
+    if (hashim_session_info(hSession, pInfo)) return 0;
+    return py_C_GetSessionInfo(hSession, pInfo);
+}
+"""
+
+
 def init_wrapper(f) -> str:
     """*Init: started again by the stub when it repeats the operation that just ended
     in the fast path (see INIT_FAST); anything else goes to Python."""
@@ -328,6 +338,9 @@ def python_cdef() -> str:
                  "int *members, void **fls, CK_SESSION_HANDLE *mhs, CK_OBJECT_HANDLE *mkeys);")
     lines.append("int hashim_route_member(CK_SESSION_HANDLE vh, int kind);")
     lines.append("void hashim_routes_expire(void);")
+    lines.append("void hashim_session_publish(CK_SESSION_HANDLE vh, CK_FLAGS flags, "
+                 "CK_SLOT_ID slot);")
+    lines.append("void hashim_login_publish(int user);")
     lines.append("void hashim_member_set_up(int member, int up);")
     lines.append("void hashim_member_stats(int member, long *inflight, unsigned long *served, "
                  "long long *idle_ns);")

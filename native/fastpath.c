@@ -38,6 +38,8 @@ struct hashim_route {
 };
 struct hashim_entry {
     CK_SESSION_HANDLE vh;                  /* 0: free */
+    CK_FLAGS flags;                        /* the session's flags (HA slot sessions) */
+    int ha;                                /* a session on the HA slot */
     struct hashim_route r[HASHIM_KINDS];
 };
 static struct hashim_entry hashim_routes[HASHIM_ROUTES];
@@ -174,8 +176,44 @@ static int hashim_route_claim(CK_SESSION_HANDLE vh)
     if (vh == 0) return 0;
     if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) == vh) return 1;
     memset(e->r, 0, sizeof(e->r));
+    e->ha = 0;
     return __atomic_compare_exchange_n(&e->vh, &free_, vh, 0, __ATOMIC_ACQ_REL,
                                        __ATOMIC_ACQUIRE);
+}
+
+/* C_GetSessionInfo of an HA slot session, answered by the stub: the state is the
+   group's login (published by the engine) and the session's flags. */
+static CK_SLOT_ID hashim_ha_slot;
+static volatile int hashim_login = -1;     /* -1 public, else CKU_USER / CKU_SO */
+
+static void hashim_session_publish(CK_SESSION_HANDLE vh, CK_FLAGS flags, CK_SLOT_ID slot)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh) return;
+    e->flags = flags;
+    hashim_ha_slot = slot;
+    __atomic_store_n(&e->ha, 1, __ATOMIC_RELEASE);
+}
+
+static void hashim_login_publish(int user)
+{
+    __atomic_store_n(&hashim_login, user, __ATOMIC_RELEASE);
+}
+
+static inline int hashim_session_info(CK_SESSION_HANDLE vh, CK_SESSION_INFO *info)
+{
+    struct hashim_entry *e = hashim_entry_of(vh);
+    if (!info || vh == 0 || __atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh
+            || !__atomic_load_n(&e->ha, __ATOMIC_ACQUIRE))
+        return 0;
+    int login = __atomic_load_n(&hashim_login, __ATOMIC_ACQUIRE);
+    int rw = (e->flags & 2) != 0;          /* CKF_RW_SESSION */
+    info->slotID = hashim_ha_slot;
+    info->flags = e->flags;
+    info->ulDeviceError = 0;
+    /* CKS_RO_PUBLIC_SESSION 0, RO_USER 1, RW_PUBLIC 2, RW_USER 3, RW_SO 4 */
+    info->state = login == 0 ? (rw ? 4 : 0) : login == 1 ? (rw ? 3 : 1) : (rw ? 2 : 0);
+    return 1;
 }
 
 static void hashim_route_release(CK_SESSION_HANDLE vh)
@@ -185,6 +223,7 @@ static void hashim_route_release(CK_SESSION_HANDLE vh)
         int k;
         for (k = 0; k < HASHIM_KINDS; k++)
             __atomic_store_n(&e->r[k].state, HASHIM_R_NONE, __ATOMIC_RELEASE);
+        __atomic_store_n(&e->ha, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&e->vh, 0, __ATOMIC_RELEASE);
     }
 }
@@ -335,6 +374,7 @@ static long hashim_member_inflight(int member)
 
 static void hashim_routes_reset(void)
 {
+    hashim_login = -1;
     memset(hashim_routes, 0, sizeof(hashim_routes));
     memset(hashim_member_up, 0, sizeof(hashim_member_up));
     memset(hashim_inflight, 0, sizeof(hashim_inflight));

@@ -114,6 +114,18 @@ def expire():
         lib.hashim_routes_expire()
 
 
+def session(vh: int, flags: int, slot: int):
+    """An HA slot session: the stub may answer its C_GetSessionInfo."""
+    if lib is not None:
+        lib.hashim_session_publish(vh, flags, slot)
+
+
+def login(user):
+    """The group's login (None: public), for the stub's C_GetSessionInfo."""
+    if lib is not None:
+        lib.hashim_login_publish(-1 if user is None else int(user))
+
+
 def reset():
     if lib is not None:
         lib.hashim_routes_reset()

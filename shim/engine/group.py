@@ -50,6 +50,7 @@ class Group:
         for i, m in enumerate(self.members):
             m.index = i
             native.MEMBERS[i] = m
+        native.login(None)
         self.sessions = SessionTable()
         self.objects = HandleMap()
         self.info = {}                  # vh -> ObjectInfo
@@ -446,6 +447,8 @@ class Group:
         vs = self.sessions.new(flags)
         vs.members[p.name] = mh
         vs.route_random(p, mh)
+        if vs.fast:
+            native.session(vs.handle, flags, self.slot_id)
         return vs.handle
 
     def close_session(self, h):
@@ -502,6 +505,7 @@ class Group:
         self.absent.clear()
         with self.lock:
             self.login = user
+            native.login(user)
             self._wipe_pin()
             self._pin = bytearray(pin) if pin is not None else None
             for m in self.online:
@@ -541,6 +545,7 @@ class Group:
                     except MemberDown:
                         pass
         self.login = None
+        native.login(None)
         self._wipe_pin()
         self.objects.forget_member_handles()
         self.absent.clear()
