@@ -15,10 +15,11 @@
  *
  * Operations (each timed as a whole, including its *Init):
  *   random32  C_GenerateRandom, 32 bytes
- *   sessinfo  C_GetSessionInfo (no cryptography: the cost of one call crossing)
+ *   sessinfo  C_GetSessionInfo (diagnostic: no cryptography, the cheapest session call)
  *   ecdsa     C_SignInit(CKM_ECDSA) + C_Sign of a 32-byte hash
  *   rsa       C_SignInit(CKM_SHA256_RSA_PKCS) + C_Sign of 32 bytes
- *   aesgcm    C_EncryptInit(CKM_AES_GCM, 12-byte IV, 128-bit tag) + C_Encrypt of 1 KiB
+ *   aesgcm    C_EncryptInit(CKM_AES_GCM, 12-byte IV, 128-bit tag) + C_Encrypt of 1 KiB;
+ *             a fresh IV each call (a per-thread counter)
  *
  * Output: one JSON object per line on stdout.
  *   {"kind":"info", ...}        module, token, C_Initialize and key set-up times
@@ -122,7 +123,9 @@ typedef CK_RV (*op_fn)(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
 
 static unsigned char hash32[32];
 static unsigned char plain1k[1024];
-static unsigned char gcm_iv[12];
+static unsigned char gcm_iv[12];     /* prefix; the last 8 bytes count per call */
+static __thread uint64_t gcm_ctr;    /* per thread: every call gets a fresh IV, as
+                                        GCM requires and as real applications do */
 
 static CK_RV op_random32(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
                          double *tmid)
@@ -175,9 +178,13 @@ static CK_RV op_aesgcm(CK_SESSION_HANDLE s, unsigned char *buf, const char **fn,
 {
     CK_GCM_PARAMS p;
     memset(&p, 0, sizeof p);
-    p.pIv = gcm_iv;
-    p.ulIvLen = sizeof gcm_iv;
-    p.ulIvBits = sizeof gcm_iv * 8;
+    unsigned char iv[sizeof gcm_iv];
+    uint64_t c = ++gcm_ctr ^ ((uint64_t)(uintptr_t)&gcm_ctr << 20);
+    memcpy(iv, gcm_iv, 4);
+    memcpy(iv + 4, &c, 8);
+    p.pIv = iv;
+    p.ulIvLen = sizeof iv;
+    p.ulIvBits = sizeof iv * 8;
     p.pAAD = NULL;
     p.ulAADLen = 0;
     p.ulTagBits = 128;
