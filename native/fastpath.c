@@ -28,6 +28,7 @@ struct hashim_route {
     int member;
     int state;
     int nalt;
+    int stale;                             /* chosen before a member joined */
     struct hashim_alt alt[HASHIM_ALTS];
     /* how the operation was started, for starting it again (see INIT_FAST) */
     int reinit;
@@ -106,7 +107,8 @@ static inline int hashim_route_pick(CK_SESSION_HANDLE vh, int kind, struct hashi
     if (__atomic_load_n(&e->vh, __ATOMIC_ACQUIRE) != vh || vh == 0)
         return 0;
     struct hashim_route *r = &e->r[kind];
-    if (__atomic_load_n(&r->state, __ATOMIC_ACQUIRE) != HASHIM_R_ACTIVE)
+    if (__atomic_load_n(&r->state, __ATOMIC_ACQUIRE) != HASHIM_R_ACTIVE
+            || __atomic_load_n(&r->stale, __ATOMIC_ACQUIRE))
         return 0;
     int j = hashim_pick_alt(r);
     if (j < 0) return 0;
@@ -153,7 +155,10 @@ static inline void hashim_route_rebind(CK_SESSION_HANDLE vh, int kind, struct ha
 
 static inline void hashim_route_mark(CK_SESSION_HANDLE vh, int kind, int state)
 {
-    __atomic_store_n(&hashim_entry_of(vh)->r[kind].state, state, __ATOMIC_RELEASE);
+    struct hashim_route *r = &hashim_entry_of(vh)->r[kind];
+    if (state == HASHIM_R_ENDED && __atomic_load_n(&r->stale, __ATOMIC_ACQUIRE))
+        state = HASHIM_R_EXPIRED;          /* the next start is the engine's to place */
+    __atomic_store_n(&r->state, state, __ATOMIC_RELEASE);
 }
 
 static inline void hashim_fast_begin(struct hashim_route *r)
@@ -241,6 +246,7 @@ static void hashim_route_set(CK_SESSION_HANDLE vh, int kind, void *fl, CK_SESSIO
     e->r[kind].member = member;
     e->r[kind].reinit = 0;
     e->r[kind].nalt = 0;
+    e->r[kind].stale = 0;
     __atomic_store_n(&e->r[kind].state, HASHIM_R_ACTIVE, __ATOMIC_RELEASE);
 }
 
@@ -359,9 +365,9 @@ static void hashim_routes_expire(void)
         for (k = 0; k < HASHIM_KINDS; k++) {
             struct hashim_route *r = &hashim_routes[i].r[k];
             int expected = HASHIM_R_ENDED;
+            __atomic_store_n(&r->stale, 1, __ATOMIC_RELEASE);
             __atomic_compare_exchange_n(&r->state, &expected, HASHIM_R_EXPIRED, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-            r->nalt = r->nalt > 1 ? 1 : r->nalt;   /* stateless commands: own member */
         }
     }
 }

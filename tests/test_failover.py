@@ -687,12 +687,7 @@ def test_device_errors_mid_load(cluster):
     assert PIN not in log.replace("m1", "")     # (the PIN never appears)
 
 
-@pytest.mark.parametrize("supervise", [
-    pytest.param("inline", marks=pytest.mark.xfail(strict=False, reason=(
-        "engine, reported: after a member returns, the fast path sends every session's "
-        "repeated operation to one member (m0: 8 in flight, m2 idle with 9 member "
-        "sessions, m1 none)"))),
-    "thread"])
+@pytest.mark.parametrize("supervise", ["inline", "thread"])
 def test_returning_member_gets_its_share_of_a_busy_load(cluster, supervise):
     """Members of fixed capacity (2 ms per command, one at a time: 500/s each) under a
     load that needs all three: when m1 returns after a failure, all three serve again
