@@ -218,7 +218,7 @@ class Group:
         else:
             found = mo.find(m, session, info.search)
         taken = self.objects.to_virtual.get(m.name, {})
-        free = [mh for mh in found if mh not in taken]
+        free = [mh for mh in found if taken.get(mh, vh) == vh]   # ours, or nobody's
         if not free or (len(free) > 1 and not info.strong):
             self.absent.add((vh, m.name))
             return CK_INVALID_HANDLE
