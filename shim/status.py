@@ -60,6 +60,9 @@ Output (``--json``): one JSON object; with ``--watch``, one object per line ever
     ``transitions``
         the latest state changes, oldest first, over all processes:
         ``{"at": iso, "ts": seconds, "state": s, "reason": text or null, "pid": pid}``.
+    ``endpoints``
+        per process, an isolated member's p11-kit server child (``pid``, ``address``)
+        or a remote member's ``address``; empty for in-process members
     ``heartbeat_rtt_ms``
         the slowest last heartbeat round trip over the processes (null: none yet).
     ``probed``
@@ -317,6 +320,7 @@ def merge(config, views: list[dict]) -> dict:
             "last_change": latest.get("last_change"),
             "last_change_ts": latest.get("last_change_ts"),
             "kind": latest.get("kind"), "module": latest.get("module"),
+            "endpoints": {str(pid): m["endpoint"] for pid, m in seen if m.get("endpoint")},
             "by_process": {str(pid): m.get("state") for pid, m in seen},
             "transitions": trans,
             "heartbeat_rtt_ms": max(rtts) if rtts else None,

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 
+from ..members import isolated
 from ..members.member import GIVEN_UP, ONLINE, RECOVERING
 
 MIN_PERIOD = 0.25      # seconds between two writes of the status file
@@ -87,6 +88,8 @@ def snapshot(g, rtt=None, seen=None) -> dict:
             "last_error": m.last_error, "last_change": iso(m.last_change),
             "last_change_ts": m.last_change,
             "kind": m.kind, "module": m.cfg.module,
+            # isolated: the p11-kit server child's pid and socket; remote: its address
+            "endpoint": None if m.kind == "in process" else isolated.endpoint(m),
             "heartbeat_rtt_ms": round(rtt[m.name] * 1000, 3) if rtt and m.name in rtt else None,
             "transitions": [{"at": iso(t), "ts": t, "state": s, "reason": r}
                             for t, s, r in hist],
