@@ -99,6 +99,19 @@ static inline int hashim_pick_alt(struct hashim_route *r)
     return best;
 }
 
+/* The least busy alternative, as a route to call: 1, or 0 when none is up. */
+static inline int hashim_take_alt(struct hashim_route *r, struct hashim_route *out)
+{
+    int j = hashim_pick_alt(r);
+    if (j < 0) return 0;
+    out->fl = r->alt[j].fl;
+    out->mh = r->alt[j].mh;
+    out->member = r->alt[j].member;
+    out->mkey = r->alt[j].mkey;
+    out->state = HASHIM_R_ACTIVE;
+    return 1;
+}
+
 /* A command with no operation state (C_GenerateRandom, C_SeedRandom): on the least
    busy of the session's members. */
 static inline int hashim_route_pick(CK_SESSION_HANDLE vh, int kind, struct hashim_route *out)
@@ -110,13 +123,7 @@ static inline int hashim_route_pick(CK_SESSION_HANDLE vh, int kind, struct hashi
     if (__atomic_load_n(&r->state, __ATOMIC_ACQUIRE) != HASHIM_R_ACTIVE
             || __atomic_load_n(&r->stale, __ATOMIC_ACQUIRE))
         return 0;
-    int j = hashim_pick_alt(r);
-    if (j < 0) return 0;
-    out->fl = r->alt[j].fl;
-    out->mh = r->alt[j].mh;
-    out->member = r->alt[j].member;
-    out->state = HASHIM_R_ACTIVE;
-    return 1;
+    return hashim_take_alt(r, out);
 }
 
 /* The application starts again the operation that just ended in the fast path, the
@@ -134,13 +141,7 @@ static inline int hashim_reinit_get(CK_SESSION_HANDLE vh, int kind, CK_MECHANISM
         return 0;
     if (r->plen && (!m->pParameter || memcmp(r->param, m->pParameter, r->plen) != 0))
         return 0;
-    int j = hashim_pick_alt(r);
-    if (j < 0) return 0;
-    out->fl = r->alt[j].fl;
-    out->mh = r->alt[j].mh;
-    out->member = r->alt[j].member;
-    out->mkey = r->alt[j].mkey;
-    return 1;
+    return hashim_take_alt(r, out);
 }
 
 /* the operation now runs on ``chosen`` (after a successful re-init) */
