@@ -386,6 +386,10 @@ class Member:
         self.f = self.module.f
         self.slot = self.module.find_slot(self.cfg.token_label, self.cfg.token_serial)
         self.generation += 1
+        # a module restarted without C_Finalize (calls were still inside it) keeps the
+        # sessions of its previous life: nobody uses them any more (they were dropped
+        # when it failed), close them
+        self.raw("C_CloseAllSessions", self.slot)
         self.anchor = self.raw_open_session(CKF_SERIAL_SESSION | CKF_RW_SESSION)
 
     def stop(self):
