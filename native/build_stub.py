@@ -23,8 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from shim.spec.cdef import cdef, TYPES, function_lists  # noqa: E402
 from shim.spec.functions import FUNCTIONS_V2, FUNCTIONS_V3, IN_C  # noqa: E402
-from shim.spec.fastpath import (FAST, INIT_FAST, INIT_PARAM_MAX, KINDS, ACTIVE,  # noqa: E402
-                                ENDED, MULTIPART)
+from shim.spec.fastpath import (FAST, INIT_FAST, INIT_PARAM_MAX, KINDS, ENDED, MULTIPART)
 from shim.spec.failures import DEVICE_LEVEL  # noqa: E402
 
 HANDLED_IN_PYTHON = [f for f in FUNCTIONS_V3 if f.name not in IN_C]

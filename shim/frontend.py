@@ -15,7 +15,7 @@ import sys
 import threading
 
 from . import native
-from .errors import P11Error, rv_name
+from .errors import P11Error
 from .members.member import MemberDown
 from .members.module import ffi as mffi
 from .spec import constants as K

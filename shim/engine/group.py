@@ -21,7 +21,7 @@ import time
 from .. import native
 from ..errors import P11Error
 from ..members import objects as mo
-from ..members.member import (DEVICE_ERROR, GIVEN_UP, ONLINE, RECOVERING,
+from ..members.member import (DEVICE_ERROR, ONLINE, RECOVERING,
                               TOKEN_NOT_PRESENT, Member, MemberDown)
 from ..members.module import ffi
 from ..spec.constants import (CKF_RW_SESSION, CKF_SERIAL_SESSION, CKR, CKR_OK,

@@ -20,7 +20,7 @@ import time
 from .. import config as configmod
 from .. import native
 from ..errors import P11Error
-from ..members.member import ONLINE, TOKEN_NOT_PRESENT, Member
+from ..members.member import TOKEN_NOT_PRESENT, Member
 
 log = logging.getLogger("hashim")
 CHECK_EVERY = 1.0       # seconds between two looks at the file's mtime

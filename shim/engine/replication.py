@@ -19,8 +19,8 @@ import logging
 
 from ..errors import P11Error
 from ..members import objects as mo
-from ..members.member import ONLINE, MemberDown
-from ..spec.attributes import COPY, NOT_SETTABLE, TEMPLATE_ATTRS, pack, pack_bool, unpack_ulong
+from ..members.member import MemberDown
+from ..spec.attributes import COPY, NOT_SETTABLE, TEMPLATE_ATTRS, pack, pack_bool
 from ..spec.constants import CKA, CKM, CKO, CKR, CKR_OK
 from .identity import (DOMAIN_LABEL, INTENT_LABEL, INTERNAL_APPLICATION, TOMBSTONE_LABEL,
                        describe)
