@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
 from ctypes import (CFUNCTYPE, POINTER, Structure, byref, c_char, c_ubyte,
                     c_ulong, c_void_p, create_string_buffer, sizeof)
 from dataclasses import dataclass, field
@@ -536,3 +537,16 @@ class P11:
 
 def load(path: str) -> P11:
     return P11(path)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``pred`` until it returns something true (returned), or fail after
+    ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import softhsm
+from tests.clients import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
@@ -428,17 +429,6 @@ def member_status(state_dir: Path, pid: int, name: str) -> dict:
         if m.get("name") == name:
             return m
     return {}
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 
 from tests import softhsm
-from tests.clients import REPO, K, base_env
+from tests.clients import REPO, K, base_env, wait_for
 from tests.groups import (domain_init, hashim_cli, hashim_module, make_member,
                           write_group_config, Group)
 
@@ -81,17 +81,6 @@ def member_options(m) -> list[str]:
     for k, v in m.env.items():
         out += ["--env", f"{k}={v}"]
     return out
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_log(g: Group, text: str, timeout: float = 20.0, after: int = 0) -> str:
