@@ -21,6 +21,7 @@ from .members.module import ffi as mffi
 from .spec import constants as K
 from .spec.constants import CKR, CKR_OK
 from .spec.functions import FUNCTIONS_V3, IN_C
+from .engine.group import VERSION, pad
 from .engine.mechanism import Mechanism
 from .members.objects import ATTR_SIZE, c_template
 from .spec.attributes import TEMPLATE_ATTRS
@@ -46,11 +47,6 @@ M_TOKEN_INFO = mffi.typeof("CK_TOKEN_INFO_PTR")
 
 def bad(reason: str):
     return P11Error(ARGUMENTS_BAD, reason)
-
-
-def pad(text: str, n: int) -> bytes:
-    b = text.encode()[:n]
-    return b + b" " * (n - len(b))
 
 
 def put_list(values, p_list, p_count) -> int:
@@ -145,13 +141,8 @@ def C_GetInfo(g, pInfo):
     sffi.memmove(pInfo.manufacturerID, pad("hashim", 32), 32)
     pInfo.flags = 0
     sffi.memmove(pInfo.libraryDescription, pad("hashim HA PKCS#11 module", 32), 32)
-    pInfo.libraryVersion.major, pInfo.libraryVersion.minor = g_version()
+    pInfo.libraryVersion.major, pInfo.libraryVersion.minor = VERSION
     return OK
-
-
-def g_version():
-    from .engine.group import VERSION
-    return VERSION
 
 
 # ---- slots and tokens ----------------------------------------------------------------
@@ -181,7 +172,7 @@ def C_GetSlotInfo(g, slotID, pInfo):
     sffi.memmove(pInfo.manufacturerID, pad("hashim", 32), 32)
     pInfo.flags = K.CKF_TOKEN_PRESENT if g.token_present() else 0
     for v in (pInfo.hardwareVersion, pInfo.firmwareVersion):
-        v.major, v.minor = g_version()
+        v.major, v.minor = VERSION
     return OK
 
 
