@@ -312,9 +312,6 @@ class Group:
             mh = self.resolve(vh, m)
         return mh
 
-    def new_object(self, m, mh) -> int:
-        return self.objects.virtual(m.name, mh)
-
     def run(self, vs, fname, args, handles=(), member=None):
         """A stateless call on the least busy member holding ``handles`` (or on
         ``member``); re-run elsewhere when that member fails. ``args(m)`` builds the

@@ -34,11 +34,6 @@ class HandleMap:
             self.identify(vh, fingerprint)
         return vh
 
-    def virtual(self, member: str, mh: int) -> int:
-        """The virtual handle of member object ``mh`` (made on first sight)."""
-        vh = self.to_virtual.get(member, {}).get(mh)
-        return vh if vh is not None else self.new(member, mh)
-
     def identify(self, vh: int, fingerprint: str):
         with self._lock:
             if self.fingerprint.get(vh) == fingerprint:
